@@ -1,0 +1,3 @@
+from .gradient_filter_hook import GradientFilterHook
+
+__all__ = ['GradientFilterHook']

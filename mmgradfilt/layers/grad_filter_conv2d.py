@@ -1,0 +1,96 @@
+from typing import Tuple, Union
+
+import torch.nn as nn
+from mmengine.registry import MODELS
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from ..ops import grad_filter_conv2d
+
+RadiusType = Union[int, Tuple[int, int]]
+
+
+def check_radius(radius: RadiusType) -> Tuple[int, int]:
+    """Return ``radius`` as an ``(rh, rw)`` pair of positive ints, or raise."""
+    pair = _pair(radius)
+    if len(pair) != 2 or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1
+            for r in pair):
+        raise ValueError(f'radius must be a positive int or a pair of them, '
+                         f'got {radius!r}')
+    return pair
+
+
+@MODELS.register_module()
+class GradFilterConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose backward pass applies gradient filtering.
+
+    The forward output equals ``nn.Conv2d``'s bit for bit. When gradients are
+    needed, the output gradient is averaged over ``radius x radius`` patches
+    and the input and weight gradients are computed on the patch grid (see
+    :mod:`mmgradfilt.ops.grad_filter_conv`); only the pooled input is kept for
+    backward. Parameters and state_dict keys are those of ``nn.Conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias, padding_mode, device, dtype: As ``nn.Conv2d``;
+            ``padding_mode`` must be ``'zeros'``.
+        radius (int | tuple[int, int]): Patch size of the gradient filter.
+            Defaults to 4.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: Union[int, Tuple[int, int]],
+                 stride: Union[int, Tuple[int, int]] = 1,
+                 padding: Union[str, int, Tuple[int, int]] = 0,
+                 dilation: Union[int, Tuple[int, int]] = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 padding_mode: str = 'zeros',
+                 device=None,
+                 dtype=None,
+                 radius: RadiusType = 4) -> None:
+        if padding_mode != 'zeros':
+            raise ValueError(f'GradFilterConv2d supports padding_mode="zeros" '
+                             f'only, got {padding_mode!r}')
+        super().__init__(in_channels, out_channels, kernel_size, stride,
+                         padding, dilation, groups, bias, padding_mode, device,
+                         dtype)
+        self.radius = check_radius(radius)
+        self._padding_pair = self._numeric_padding()
+
+    def _numeric_padding(self) -> Tuple[int, int]:
+        """Padding as two ints; 'same' must be symmetric."""
+        if self.padding == 'valid':
+            return (0, 0)
+        if self.padding == 'same':
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError('GradFilterConv2d needs symmetric padding; '
+                                 f'padding="same" with kernel {self.kernel_size} '
+                                 f'and dilation {self.dilation} is not')
+            return tuple(t // 2 for t in total)
+        return tuple(self.padding)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d,
+                  radius: RadiusType) -> 'GradFilterConv2d':
+        """A filtered conv that shares ``conv``'s ``Parameter`` objects."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
+                  conv.stride, conv.padding, conv.dilation, conv.groups,
+                  conv.bias is not None, conv.padding_mode, device='meta',
+                  radius=radius)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, radius={self.radius}'
+
+    def forward(self, x: Tensor) -> Tensor:
+        return grad_filter_conv2d(x, self.weight, self.bias, self.stride,
+                                  self._padding_pair, self.dilation,
+                                  self.groups, self.radius)

@@ -1,0 +1,185 @@
+"""Gradient-filtered 2-D convolution (Yang et al., CVPR 2023).
+
+The forward pass is ``F.conv2d``. The backward pass replaces the output gradient
+by its mean over ``r x r`` patches and computes the input and weight gradients on
+the patch grid, where the convolution becomes small:
+
+* input blocks of ``(r*s) x (r*s)`` pixels lie under each output patch (stride
+  ``s``); the layer saves only their means, ``1/(r*s)^2`` of the input;
+* the kernel on the patch grid is the spatially summed kernel (a 1x1 conv) when
+  the dilation is smaller than a block, and the kernel itself at dilation
+  ``round(d / (r*s))`` otherwise (ASPP);
+* with patch gradient sums ``G`` and block means ``X``: ``dW = sum G * X`` (the
+  same for every tap of the summed kernel), ``dx`` of a pixel is its block's
+  share of ``W~^T G``, and the bias gradient is exact.
+
+For stride 1 and full patches these are the paper's equations; for stride ``s``
+the block means carry the ``1/s^2`` that keeps the gradient's scale true.
+
+Sizes that ``r`` does not divide: patches and blocks tile from the top-left
+corner and the last ones are partial (means over their valid pixels). Where a
+conv without "same" padding gives the two grids different sizes, the input grid
+is cropped or zero-padded at its bottom/right to match; input pixels cut off that
+way get no gradient.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IntPair = Tuple[int, int]
+
+
+def patch_grid_size(size: int, block: int) -> int:
+    """Number of blocks of ``block`` pixels tiling ``size`` pixels."""
+    return -(-size // block)
+
+
+def _window(x: Tensor, block: IntPair) -> IntPair:
+    """Pooling window: the block, or the whole dim where it is smaller."""
+    return tuple(min(b, n) for b, n in zip(block, x.shape[-2:]))
+
+
+def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
+    """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels."""
+    return F.avg_pool2d(x, _window(x, block), block, ceil_mode=True)
+
+
+def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
+    """Sum of ``x`` over ``patch`` tiles (partial last tiles included)."""
+    return F.avg_pool2d(x, _window(x, patch), patch, ceil_mode=True,
+                        divisor_override=1)
+
+
+def _block_counts(size: IntPair, block: IntPair, like: Tensor) -> Tensor:
+    """Pixels in each block of the grid, shape ``(Hb, Wb)``."""
+    counts = []
+    for n, b in zip(size, block):
+        c = torch.full((patch_grid_size(n, b),), float(b), dtype=like.dtype,
+                       device=like.device)
+        c[-1] = n - b * (len(c) - 1)
+        counts.append(c)
+    return counts[0][:, None] * counts[1][None, :]
+
+
+def _fit(x: Tensor, size: IntPair) -> Tensor:
+    """Crop or zero-pad the last two dims of ``x`` at the bottom/right to ``size``."""
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x
+    return F.pad(x, (0, dw, 0, dh))
+
+
+def _broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair) -> Tensor:
+    """Repeat every grid cell over its block of pixels, cropped to ``size``."""
+    n, c, hb, wb = grid.shape
+    full = grid[:, :, :, None, :, None].expand(n, c, hb, block[0], wb, block[1])
+    full = full.reshape(n, c, hb * block[0], wb * block[1])
+    if full.shape[-2:] != size:
+        full = full[:, :, :size[0], :size[1]].contiguous()
+    return full
+
+
+class GridConv:
+    """The convolution that the filtered backward computes on the patch grid."""
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair, padding: IntPair,
+                 dilation: IntPair, radius: IntPair) -> None:
+        self.block = (radius[0] * stride[0], radius[1] * stride[1])
+        # dilation of the kernel on the grid; 0 means all taps fall in one block
+        self.dilation = tuple(round(d / b) for d, b in zip(dilation, self.block))
+        self.padding = tuple(
+            round(p * m / d) if m else 0
+            for p, m, d in zip(padding, self.dilation, dilation))
+        self.kernel_size = tuple(
+            k if m else 1 for k, m in zip(kernel_size, self.dilation))
+
+    def kernel(self, weight: Tensor) -> Tensor:
+        """The kernel on the grid: taps within one block are summed."""
+        dims = [d for d, m in zip((2, 3), self.dilation) if not m]
+        return weight.sum(dims, keepdim=True) if dims else weight
+
+    def input_size(self, out_size: IntPair) -> IntPair:
+        """Grid input size whose stride-1 conv gives ``out_size``."""
+        return tuple(
+            o - 1 + max(m, 1) * (k - 1) - 2 * p + 1 for o, m, k, p in zip(
+                out_size, self.dilation, self.kernel_size, self.padding))
+
+
+class GradFilterConv2dFunction(torch.autograd.Function):
+    """``F.conv2d`` forward, gradient-filtered backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                stride: IntPair, padding: IntPair, dilation: IntPair, groups: int,
+                radius: IntPair) -> Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        grid = GridConv(weight.shape[2:], stride, padding, dilation, radius)
+        pooled = pool_blocks(x, grid.block) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(pooled, weight)
+        ctx.grid = grid
+        ctx.groups = groups
+        ctx.radius = radius
+        ctx.in_size = tuple(x.shape[-2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pooled, weight = ctx.saved_tensors
+        grid: GridConv = ctx.grid
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = sum_patches(grad_out, ctx.radius)
+        grad_x = grad_w = grad_b = None
+        if need_b:
+            grad_b = g.sum((0, 2, 3))
+        if need_x or need_w:
+            kernel = grid.kernel(weight)
+            fit_size = grid.input_size(tuple(g.shape[-2:]))
+            if pooled is None:
+                x_grid = g.new_empty(g.shape[0], weight.shape[1] * ctx.groups,
+                                     *fit_size)
+            else:
+                x_grid = _fit(pooled, fit_size)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, x_grid, kernel, None, (1, 1), grid.padding,
+                tuple(max(m, 1) for m in grid.dilation), False, (0, 0),
+                ctx.groups, (need_x, need_w, False))
+            if need_w:
+                grad_w = gw.expand_as(weight).contiguous()
+            if need_x:
+                in_grid = tuple(patch_grid_size(n, b)
+                                for n, b in zip(ctx.in_size, grid.block))
+                gx = _fit(gx, in_grid)
+                gx = gx / _block_counts(ctx.in_size, grid.block, gx)
+                grad_x = _broadcast_blocks(gx, grid.block, ctx.in_size)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def grad_filter_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                       stride: IntPair = (1, 1), padding: IntPair = (0, 0),
+                       dilation: IntPair = (1, 1), groups: int = 1,
+                       radius: IntPair = (4, 4)) -> Tensor:
+    """2-D convolution whose backward pass filters the output gradient.
+
+    Args:
+        x (Tensor): Input of shape ``(N, C_in, H, W)``.
+        weight (Tensor): Kernel of shape ``(C_out, C_in / groups, kH, kW)``.
+        bias (Tensor, optional): Bias of shape ``(C_out,)``. Defaults to None.
+        stride, padding, dilation (tuple[int, int]): As ``F.conv2d``; padding
+            must be numeric (zero padding).
+        groups (int): As ``F.conv2d``. Defaults to 1.
+        radius (tuple[int, int]): Patch size ``r`` of the output-gradient
+            filter. Defaults to (4, 4).
+
+    Returns:
+        Tensor: Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation,
+        groups)``.
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad))
+    if not needs_grad:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return GradFilterConv2dFunction.apply(x, weight, bias, stride, padding,
+                                          dilation, groups, radius)
