@@ -32,15 +32,27 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        names = [name for name, _ in model.named_modules() if name]
-        near = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
-        hint = f' Nearest valid paths: {", ".join(near)}.' if near else ''
-        parent = path.rpartition('.')[0]
-        if not near and parent in names + ['']:
-            children = [n for n, _ in model.get_submodule(parent).named_children()]
-            hint = f' Children of "{parent}": {", ".join(children)}.'
-        raise KeyError(f'"{path}" is not a submodule of '
-                       f'{type(model).__name__}.{hint}') from None
+        pass
+    parts = path.split('.')
+    depth = next(i for i in range(len(parts), -1, -1)
+                 if _has_submodule(model, '.'.join(parts[:i])))
+    parent = '.'.join(parts[:depth])
+    children = [n for n, _ in model.get_submodule(parent).named_children()]
+    names = [name for name, _ in model.named_modules() if name]
+    near = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+    raise ValueError(
+        f'"{path}" is not a submodule of {type(model).__name__}: '
+        f'"{parent or type(model).__name__}" has no "{parts[depth]}" (its '
+        f'children: {", ".join(children) or "none"}).' +
+        (f' Nearest valid paths: {", ".join(near)}.' if near else ''))
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _is_plain_conv(module: nn.Module) -> bool:

@@ -58,20 +58,23 @@ def run_both(x, weight, bias, grad_out, stride, padding, dilation, groups, r):
     return exact_out, filt_out, exact, filt
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('groups,c_in,c_out', [(1, 3, 5), (4, 4, 8),
                                                (6, 6, 6)])
 @pytest.mark.parametrize('kernel,r', [(3, 2), (3, 4), (1, 4), (5, 4)])
-def test_matches_paper_equations_stride1(groups, c_in, c_out, kernel, r):
+def test_matches_paper_equations_stride1(device, groups, c_in, c_out, kernel,
+                                         r):
     torch.manual_seed(0)
     x = torch.randn(2, c_in, 8, 8, dtype=torch.float64)
     weight = torch.randn(c_out, c_in // groups, kernel, kernel,
                          dtype=torch.float64)
     bias = torch.randn(c_out, dtype=torch.float64)
     grad_out = torch.randn(2, c_out, 8, 8, dtype=torch.float64)
-    _, _, _, filt = run_both(x, weight, bias, grad_out, 1, kernel // 2, 1,
-                             groups, r)
+    _, _, _, filt = run_both(*(t.to(device) for t in (x, weight, bias,
+                                                      grad_out)),
+                             1, kernel // 2, 1, groups, r)
     for got, want in zip(filt, paper_reference(x, weight, grad_out, r, groups)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
 # (stride, padding, dilation, groups, kernel, size, r): every supported kind
@@ -92,15 +95,17 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('name', list(CONFIGS))
-def test_close_to_exact_gradient_on_smooth_inputs(name):
+def test_close_to_exact_gradient_on_smooth_inputs(name, device):
     stride, padding, dilation, groups, kernel, size, r = CONFIGS[name]
     torch.manual_seed(0)
-    x = smooth_field(2, 8, size, size, seed=1)
-    weight = torch.randn(16, 8 // groups, kernel, kernel, dtype=torch.float64)
-    bias = torch.randn(16, dtype=torch.float64)
+    x = smooth_field(2, 8, size, size, seed=1, device=device)
+    weight = torch.randn(16, 8 // groups, kernel, kernel, dtype=torch.float64,
+                         device=device)
+    bias = torch.randn(16, dtype=torch.float64, device=device)
     out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    grad_out = smooth_field(2, 16, out_size, out_size, seed=2)
+    grad_out = smooth_field(2, 16, out_size, out_size, seed=2, device=device)
     exact_out, filt_out, exact, filt = run_both(x, weight, bias, grad_out,
                                                 stride, padding, dilation,
                                                 groups, r)
