@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from mmgradfilt.ops import grad_filter_conv2d
 from mmgradfilt.ops.grad_filter_conv import GradFilterConv2dFunction
 
-DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA GPU'))]
 
 
 def smooth_field(n, c, h, w, seed, dtype=torch.float64, device='cpu'):

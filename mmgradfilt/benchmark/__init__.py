@@ -1,0 +1,3 @@
+from .memory import SavedTensorMeter
+
+__all__ = ['SavedTensorMeter']
