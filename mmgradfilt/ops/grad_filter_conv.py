@@ -109,6 +109,35 @@ class GridConv:
             o - 1 + max(m, 1) * (k - 1) - 2 * p + 1 for o, m, k, p in zip(
                 out_size, self.dilation, self.kernel_size, self.padding))
 
+    def backward(self, g: Tensor, x_grid: Tensor, weight: Tensor, groups: int,
+                 need_x: bool, need_w: bool) -> Tuple[Tensor, Tensor]:
+        """Input and weight gradients of the grid conv (None where not needed).
+
+        The weight gradient has the full kernel's shape (taps summed on the
+        grid share one value).
+        """
+        kernel = self.kernel(weight)
+        if kernel.shape[2:] == (1, 1):
+            # a 1x1 conv on the grid is a (grouped) matrix product
+            n, c_out, hp, wp = g.shape
+            g = g.reshape(n, groups, c_out // groups, hp * wp)
+            w = kernel.reshape(groups, c_out // groups, -1)
+            gx = gw = None
+            if need_x:
+                gx = torch.matmul(w.transpose(1, 2), g).reshape(n, -1, hp, wp)
+            if need_w:
+                x = x_grid.reshape(n, groups, -1, hp * wp)
+                gw = torch.matmul(g, x.transpose(2, 3)).sum(0)
+                gw = gw.reshape(c_out, -1, 1, 1)
+        else:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, x_grid, kernel, None, (1, 1), self.padding,
+                tuple(max(m, 1) for m in self.dilation), False, (0, 0), groups,
+                (need_x, need_w, False))
+        if gw is not None:
+            gw = gw.expand_as(weight).contiguous()
+        return gx, gw
+
 
 class GradFilterConv2dFunction(torch.autograd.Function):
     """``F.conv2d`` forward, gradient-filtered backward."""
@@ -137,19 +166,14 @@ class GradFilterConv2dFunction(torch.autograd.Function):
         if need_b:
             grad_b = g.sum((0, 2, 3))
         if need_x or need_w:
-            kernel = grid.kernel(weight)
             fit_size = grid.input_size(tuple(g.shape[-2:]))
             if pooled is None:
                 x_grid = g.new_empty(g.shape[0], weight.shape[1] * ctx.groups,
                                      *fit_size)
             else:
                 x_grid = _fit(pooled, fit_size)
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                g, x_grid, kernel, None, (1, 1), grid.padding,
-                tuple(max(m, 1) for m in grid.dilation), False, (0, 0),
-                ctx.groups, (need_x, need_w, False))
-            if need_w:
-                grad_w = gw.expand_as(weight).contiguous()
+            gx, grad_w = grid.backward(g, x_grid, weight, ctx.groups, need_x,
+                                       need_w)
             if need_x:
                 in_grid = tuple(patch_grid_size(n, b)
                                 for n, b in zip(ctx.in_size, grid.block))

@@ -56,7 +56,7 @@ def test_registered_for_mmcv_builders():
                         conv_cfg=dict(type='GradFilterConv2d', radius=2),
                         norm_cfg=dict(type='BN'))
     assert isinstance(module.conv, GradFilterConv2d)
-    assert module.conv.radius == (2, 2) and module.padding == (1, 1)
+    assert module.conv.radius == (2, 2) and module.conv.padding == (1, 1)
     out = module(torch.randn(2, 8, 8, 8))
     out.sum().backward()
     assert module.conv.weight.grad is not None

@@ -7,6 +7,7 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmengine.structures import PixelData
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgradfilt import GradFilterConv2d, freeze_layers, install_gradient_filter
 
@@ -91,6 +92,8 @@ def test_five_layer_recipe(deeplabv3_r18):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None, name
-    assert not model.backbone.bn1.training
+    backbone_norms = [m for m in model.backbone.modules()
+                      if isinstance(m, _BatchNorm)]
+    assert backbone_norms and not any(m.training for m in backbone_norms)
     assert not model.decode_head.image_pool[1].bn.training
     assert model.decode_head.bottleneck.bn.training
