@@ -1,5 +1,5 @@
 """Memory measurements of a training step: saved activations and peak."""
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -66,3 +66,31 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
         for handle in self._handles:
             handle.remove()
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was live before.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the CPU
+    allocator's allocations and frees that ``torch.profiler`` records
+    (``profile_memory=True``), which counts the same tensors.
+    """
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and e.device_type() ==
+              torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -1,0 +1,111 @@
+"""Benchmark output: terminal tables, JSON, CSV and a PNG chart."""
+import csv
+import json
+from typing import Dict, List, Sequence
+
+from ..surgery import format_table
+
+MB = 2.0**20
+
+
+def _ms(stats: Dict) -> str:
+    return f"{stats['median']:.1f} [{stats['q1']:.1f}-{stats['q3']:.1f}]"
+
+
+def step_tables(result: Dict) -> str:
+    """The step summary and the per-layer table of a config benchmark."""
+    rows = []
+    for key in ('vanilla', 'filtered'):
+        r = result[key]
+        rows.append([
+            key, _ms(r['forward']), _ms(r['backward']), _ms(r['optimizer']),
+            _ms(r['step']),
+            f"{sum(l['saved_bytes'] for l in r['layers'].values()) / MB:.2f}",
+            f"{r['saved_bytes'] / MB:.1f}", f"{r['peak_bytes'] / MB:.1f}",
+            f"{sum(l['backward_flops'] for l in r['layers'].values()) / 1e9:.3f}"
+        ])
+    ratio = result['ratios']
+    rows.append(['vanilla/filtered', f"{ratio['forward']:.2f}x",
+                 f"{ratio['backward']:.2f}x", f"{ratio['optimizer']:.2f}x",
+                 f"{ratio['step']:.2f}x", f"{ratio['layer_saved']:.1f}x",
+                 f"{ratio['saved']:.2f}x", f"{ratio['peak']:.2f}x",
+                 f"{ratio['layer_flops']:.1f}x"])
+    summary = format_table([
+        'model', 'forward ms', 'backward ms', 'optimizer ms', 'step ms',
+        'layers saved MB', 'all saved MB', 'peak MB', 'layers bwd GFLOPs'
+    ], rows)
+    layer_rows = [[
+        path, f"{result['vanilla']['layers'][path]['saved_bytes'] / MB:.3f}",
+        f"{layer['saved_bytes'] / MB:.3f}",
+        f"{result['vanilla']['layers'][path]['backward_flops'] / 1e9:.3f}",
+        f"{layer['backward_flops'] / 1e9:.4f}"
+    ] for path, layer in result['filtered']['layers'].items()]
+    layers = format_table(['filtered layer', 'saved MB', 'saved MB (filt)',
+                           'bwd GFLOPs', 'bwd GFLOPs (filt)'], layer_rows)
+    return f'{summary}\n\n{layers}'
+
+
+def write_json(path: str, data) -> None:
+    with open(path, 'w') as f:
+        json.dump(data, f, indent=2)
+
+
+def write_csv(path: str, headers: Sequence[str],
+              rows: List[Sequence]) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def plot_step(path: str, result: Dict, title: str) -> None:
+    """Stacked phase times and peak memory, vanilla vs filtered."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    keys = ['vanilla', 'filtered']
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 4))
+    bottom = [0.0, 0.0]
+    for phase in ('forward', 'backward', 'optimizer'):
+        values = [result[k][phase]['median'] for k in keys]
+        ax_t.bar(keys, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax_t.set_ylabel('median time per step (ms)')
+    ax_t.legend()
+    ax_m.bar(keys, [result[k]['peak_bytes'] / MB for k in keys],
+             color='tab:gray', label='peak')
+    ax_m.bar(keys, [result[k]['saved_bytes'] / MB for k in keys],
+             color='tab:purple', label='saved for backward')
+    ax_m.set_ylabel('memory (MB)')
+    ax_m.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_layers(path: str, results: Sequence[Dict], title: str) -> None:
+    """Backward speed-up per layer and radius (log scale)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r['name'] for r in results))
+    radii = sorted({r['radius'] for r in results})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
+    width = 0.8 / len(radii)
+    for i, radius in enumerate(radii):
+        speed = {r['name']: r['backward_speedup'] for r in results
+                 if r['radius'] == radius}
+        ax.bar([j + i * width for j in range(len(names))],
+               [speed.get(n, 0) for n in names], width, label=f'r={radius}')
+    ax.axhline(1.0, color='black', linewidth=0.8)
+    ax.set_yscale('log')
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha='right', fontsize=8)
+    ax.set_ylabel('backward speed-up vs PyTorch (x)')
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

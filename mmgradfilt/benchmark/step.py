@@ -1,0 +1,144 @@
+"""Whole training step of a config's model: vanilla vs gradient-filtered."""
+import copy
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from mmengine.config import Config, ConfigDict
+from mmengine.model import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import MODELS, init_default_scope
+
+from ..hooks import GradientFilterHook
+from ..layers import GradFilterConv2d
+from ..surgery import freeze_layers
+from .flops import conv_backward_flops
+from .memory import SavedTensorMeter, peak_memory_bytes
+from .timing import summarize, timed
+
+PHASES = ('forward', 'backward', 'optimizer')
+
+
+def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
+    """The config's ``GradientFilterHook``, built; an error if it has none."""
+    hooks = [h for h in cfg.get('custom_hooks', [])
+             if h.get('type') in ('GradientFilterHook', GradientFilterHook)]
+    if len(hooks) != 1:
+        raise ValueError(f'{cfg.filename} must have exactly one '
+                         f'GradientFilterHook in custom_hooks, found {len(hooks)}')
+    kwargs = {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
+    return GradientFilterHook(**kwargs)
+
+
+def build_models(cfg: Config, device: torch.device, size: Tuple[int, int]
+                 ) -> Tuple[nn.Module, nn.Module, List[str]]:
+    """(vanilla, filtered, filtered conv paths), both with the config's freezing.
+
+    The weights are random (no checkpoint is loaded): timing and memory do
+    not depend on them. A data preprocessor that pads to a fixed size pads to
+    ``size`` instead.
+    """
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pop('pretrained', None)
+    if model_cfg.get('data_preprocessor', {}).get('size') is not None:
+        model_cfg.data_preprocessor.size = size
+    vanilla = revert_sync_batchnorm(MODELS.build(model_cfg))
+    filtered = copy.deepcopy(vanilla)
+    hook = gradient_filter_hook(cfg)
+    freeze_layers(vanilla, hook.freeze_layers, hook.norm_eval)
+    hook.apply(filtered)
+    paths = [n for n, m in filtered.named_modules()
+             if isinstance(m, GradFilterConv2d)]
+    return vanilla.to(device).train(), filtered.to(device).train(), paths
+
+
+def synthetic_batch(cfg: Config, batch_size: int, size: Tuple[int, int]) -> Dict:
+    """Random images and labels in the data format of the config's codebase."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (3, *size), generator=gen, dtype=torch.uint8)
+              for _ in range(batch_size)]
+    scope = cfg.get('default_scope')
+    if scope == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        classes = cfg.model.decode_head.num_classes
+        samples = [SegDataSample(
+            gt_sem_seg=PixelData(data=torch.randint(
+                0, classes, (1, *size), generator=gen)),
+            metainfo=dict(img_shape=size, ori_shape=size, pad_shape=size))
+            for _ in range(batch_size)]
+    elif scope == 'mmpretrain':
+        from mmpretrain.structures import DataSample
+        classes = cfg.model.head.num_classes
+        samples = [DataSample(metainfo=dict(img_shape=size)).set_gt_label(
+            int(torch.randint(0, classes, (1, ), generator=gen)))
+            for _ in range(batch_size)]
+    else:
+        raise ValueError(f'default_scope {scope!r}: only mmseg and mmpretrain '
+                         'configs can be benchmarked')
+    return dict(inputs=inputs, data_samples=samples)
+
+
+class TrainStep:
+    """One training step split into forward, backward and optimizer phases."""
+
+    def __init__(self, model: nn.Module, optim_cfg: ConfigDict, batch: Dict):
+        self.model = model
+        self.optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
+        self.data = model.data_preprocessor(batch, training=True)
+        self.loss = None
+
+    def forward(self) -> None:
+        losses = self.model(**self.data, mode='loss')
+        self.loss, _ = self.model.parse_losses(losses)
+
+    def backward(self) -> None:
+        self.optim_wrapper.backward(self.loss)
+        self.loss = None
+
+    def optimizer(self) -> None:
+        self.optim_wrapper.step()
+        self.optim_wrapper.zero_grad()
+
+    def run(self) -> None:
+        for phase in PHASES:
+            getattr(self, phase)()
+
+
+def bench_step(step: TrainStep, paths: List[str], device: torch.device,
+               iters: int, warmup: int, progress: Callable[[], None]) -> Dict:
+    """Phase timings, memory and backward FLOPs of one model's step."""
+    samples = {phase: [] for phase in PHASES}
+    for i in range(warmup + iters):
+        for phase in PHASES:
+            seconds = timed(getattr(step, phase), device)
+            if i >= warmup:
+                samples[phase].append(seconds)
+        progress()
+    totals = [sum(t) for t in zip(*samples.values())]
+    result = {phase: summarize(s) for phase, s in samples.items()}
+    result['step'] = summarize(totals)
+
+    layers = {p: step.model.get_submodule(p) for p in paths}
+    seen = {}  # path -> (output shape, whether the input needs a gradient)
+    handles = [m.register_forward_hook(
+        lambda m, args, out, p=p: seen.__setitem__(
+            p, (tuple(out.shape), args[0].requires_grad)))
+        for p, m in layers.items()]
+    with SavedTensorMeter(step.model, layers) as meter:
+        step.forward()
+    for handle in handles:
+        handle.remove()
+    step.backward()
+    step.optimizer()
+    result['saved_bytes'] = meter.total_bytes
+    result['layers'] = {
+        p: dict(saved_bytes=meter.module_bytes[p],
+                backward_flops=conv_backward_flops(
+                    m, seen[p][0], getattr(m, 'radius', None),
+                    need_input=seen[p][1], need_weight=m.weight.requires_grad))
+        for p, m in layers.items()
+    }
+    result['peak_bytes'] = peak_memory_bytes(step.run, device)
+    return result

@@ -1,0 +1,30 @@
+"""Wall-clock timing of code on CPU or CUDA."""
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on ``device`` (no-op on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn`` takes, kernels included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def summarize(samples: List[float]) -> Dict[str, float]:
+    """Median, quartiles, min and max of a list of timings (seconds -> ms)."""
+    ms = sorted(s * 1e3 for s in samples)
+    quartiles = (statistics.quantiles(ms, n=4) if len(ms) > 1 else
+                 [ms[0]] * 3)
+    return dict(median=statistics.median(ms), q1=quartiles[0],
+                q3=quartiles[2], min=ms[0], max=ms[-1], n=len(ms))
