@@ -1,0 +1,9 @@
+"""Datasets that OpenMMLab lacks, registered where their toolbox is installed."""
+import importlib.util
+
+__all__ = []
+
+if importlib.util.find_spec('mmpretrain'):
+    from .digits import Digits
+    from .user_split import UserSplitDataset, make_user_split
+    __all__ += ['Digits', 'UserSplitDataset', 'make_user_split']

@@ -1,0 +1,3 @@
+from .mcunet import MCUNet
+
+__all__ = ['MCUNet']
