@@ -1,0 +1,106 @@
+"""tools/benchmark.py end to end on tiny inputs (CPU)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SEG_CONFIG = """
+_base_ = ['mmseg::deeplabv3/deeplabv3_r18-d8_4xb2-80k_cityscapes-512x1024.py']
+custom_imports = dict(imports=['mmgradfilt'], allow_failed_imports=False)
+custom_hooks = [dict(
+    type='GradientFilterHook',
+    filter_install=[dict(path='decode_head.bottleneck', radius=2),
+                    dict(path='decode_head.aspp_modules.1', radius=2)],
+    freeze_layers=['backbone', 'auxiliary_head', 'decode_head',
+                   '~decode_head.bottleneck', '~decode_head.aspp_modules',
+                   '~decode_head.conv_seg'])]
+"""
+
+CLS_CONFIG = """
+_base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
+custom_imports = dict(imports=['mmgradfilt'], allow_failed_imports=False)
+custom_hooks = [dict(
+    type='GradientFilterHook',
+    filter_install=[dict(path='backbone.layer4.1', radius=2)],
+    freeze_layers=['backbone', '~backbone.layer4.1'])]
+"""
+
+
+def run_tool(*args):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def check_png(path: Path):
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('text,size,layers', [
+    (SEG_CONFIG, '64', {'decode_head.bottleneck.conv',
+                        'decode_head.aspp_modules.1.conv'}),
+    (CLS_CONFIG, '32', {'backbone.layer4.1.conv1', 'backbone.layer4.1.conv2'}),
+])
+def test_config_mode(tmp_path, text, size, layers):
+    config = tmp_path / 'cfg.py'
+    config.write_text(text)
+    out = tmp_path / 'out'
+    stdout = run_tool(str(config), '--input-size', size, size, '--iters', '2',
+                      '--warmup', '1', '--out', str(out))
+    assert 'vanilla/filtered' in stdout and 'forward ms' in stdout
+    result = json.loads((out / 'benchmark.json').read_text())
+    assert set(result['filtered_layers']) == layers
+    van, fil = result['vanilla'], result['filtered']
+    for path in layers:
+        # the filter keeps less for backward and computes fewer FLOPs
+        assert fil['layers'][path]['saved_bytes'] < \
+            van['layers'][path]['saved_bytes']
+        assert fil['layers'][path]['backward_flops'] < \
+            van['layers'][path]['backward_flops']
+    for key in ('forward', 'backward', 'optimizer', 'step'):
+        assert fil[key]['n'] == 2 and fil[key]['median'] > 0
+    assert van['peak_bytes'] > 0 and fil['peak_bytes'] > 0
+    assert result['ratios']['layer_flops'] > 1
+    rows = list(csv.reader((out / 'benchmark.csv').open()))
+    assert [r[0] for r in rows] == ['model', 'vanilla', 'filtered']
+    check_png(out / 'benchmark.png')
+
+
+def test_layer_mode(tmp_path):
+    shapes = tmp_path / 'shapes.json'
+    shapes.write_text(json.dumps([
+        dict(name='dense', in_channels=8, out_channels=8, kernel_size=3,
+             size=16),
+        dict(name='depthwise', in_channels=8, out_channels=8, kernel_size=3,
+             size=16, groups=8),
+    ]))
+    out = tmp_path / 'out'
+    stdout = run_tool('--layers', str(shapes), '--radius', '2', '4',
+                      '--iters', '2', '--warmup', '1', '--out', str(out))
+    assert 'bwd speedup' in stdout
+    results = json.loads((out / 'layers.json').read_text())['results']
+    assert [(r['name'], r['radius']) for r in results] == [
+        ('dense', 2), ('dense', 4), ('depthwise', 2), ('depthwise', 4)]
+    dense_r4 = results[1]
+    # 3x3 taps summed and 4x4 patches: 16 * 9 times fewer products
+    assert dense_r4['vanilla']['backward_flops'] > \
+        100 * (dense_r4['filtered']['backward_flops'] - 2 * 8 * 16 * 16)
+    check_png(out / 'layers.png')
+
+
+def test_config_without_hook_is_refused(tmp_path):
+    config = tmp_path / 'cfg.py'
+    config.write_text(
+        "_base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert 'must have exactly one GradientFilterHook' in proc.stderr
