@@ -17,8 +17,8 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
-from mmgradfilt.benchmark.layers import (LAYER_HEADERS, bench_layer,
-                                         layer_rows, load_layer_suite)
+from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
+                                         load_layer_suite)
 from mmgradfilt.benchmark.report import (plot_layers, plot_step, step_tables,
                                          write_csv, write_json)
 from mmgradfilt.benchmark.step import (PHASES, TrainStep, bench_step,
@@ -137,10 +137,10 @@ def run_layers(args, device: torch.device, out_dir: str) -> None:
     print(f'layer suite: batch {args.batch_size}, {args.dtype}, {args.device} '
           f'({env["device_name"]}, {env["threads"]} threads), medians of '
           f'{args.iters} runs after {args.warmup} warm-up')
-    rows = layer_rows(results)
-    print(format_table(LAYER_HEADERS, rows))
+    headers, rows = layer_table(results)
+    print(format_table(headers, rows))
     write_json(osp.join(out_dir, 'layers.json'), dict(env=env, results=results))
-    write_csv(osp.join(out_dir, 'layers.csv'), LAYER_HEADERS, rows)
+    write_csv(osp.join(out_dir, 'layers.csv'), headers, rows)
     plot_layers(osp.join(out_dir, 'layers.png'), results,
                 f'filtered conv backward vs PyTorch ({args.device}, '
                 f'{args.dtype}, batch {args.batch_size})')

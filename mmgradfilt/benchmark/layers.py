@@ -1,14 +1,14 @@
 """Single-layer latency suite: PyTorch's conv backward vs the filtered one."""
 import json
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..layers import GradFilterConv2d
 from .flops import conv_backward_flops
-from .timing import summarize, timed
+from .timing import cuda_kernel_seconds, summarize, timed
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,19 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
                   dtype=str(dtype).replace('torch.', ''))
     for key, layer in (('vanilla', vanilla), ('filtered', filtered)):
         fwd, bwd = [], []
-        for i in range(warmup + iters):
-            holder = {}
-            t_f = timed(lambda: holder.update(out=layer(x)), device)
-            t_b = timed(lambda: torch.autograd.backward(
-                holder['out'], grad_out, inputs=[x, layer.weight]), device)
+        holder = {}
+
+        def forward():
+            holder['out'] = layer(x)
+
+        def backward():
+            torch.autograd.backward(holder.pop('out'), grad_out,
+                                    inputs=[x, layer.weight])
             x.grad = layer.weight.grad = None
+
+        for i in range(warmup + iters):
+            t_f = timed(forward, device)
+            t_b = timed(backward, device)
             if i >= warmup:
                 fwd.append(t_f)
                 bwd.append(t_b)
@@ -78,6 +85,12 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
                            backward_flops=conv_backward_flops(
                                layer, grad_out.shape,
                                None if key == 'vanilla' else (radius, ) * 2))
+        if device.type == 'cuda':
+            result[key]['backward_kernel_ms'] = 1e3 * cuda_kernel_seconds(
+                lambda: (forward(), backward()), iters) - 1e3 * \
+                cuda_kernel_seconds(forward, iters)
+            result[key]['forward_kernel_ms'] = 1e3 * cuda_kernel_seconds(
+                forward, iters)
     result['backward_speedup'] = (result['vanilla']['backward']['median'] /
                                   result['filtered']['backward']['median'])
     result['forward_ratio'] = (result['filtered']['forward']['median'] /
@@ -85,20 +98,34 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
     return result
 
 
-def layer_rows(results: Sequence[Dict]) -> List[List[str]]:
-    """Table rows: shape, radius, medians (ms) and ratios."""
-    return [[
-        r['name'], r['radius'], f"{r['vanilla']['forward']['median']:.2f}",
-        f"{r['filtered']['forward']['median']:.2f}",
-        f"{r['forward_ratio']:.2f}x",
-        f"{r['vanilla']['backward']['median']:.2f}",
-        f"{r['filtered']['backward']['median']:.2f}",
-        f"{r['backward_speedup']:.1f}x",
-        f"{r['vanilla']['backward_flops'] / r['filtered']['backward_flops']:.0f}x"
-    ] for r in results]
+def layer_table(results: Sequence[Dict]) -> Tuple[List[str], List[List]]:
+    """Headers and rows: shape, radius, medians (ms) and ratios.
 
-
-LAYER_HEADERS = [
-    'layer', 'r', 'fwd ms', 'fwd ms (filt)', 'fwd ratio', 'bwd ms',
-    'bwd ms (filt)', 'bwd speedup', 'bwd FLOPs cut'
-]
+    CUDA runs add the summed kernel times (profiler) of both passes.
+    """
+    headers = ['layer', 'r', 'fwd ms', 'fwd ms (filt)', 'fwd ratio', 'bwd ms',
+               'bwd ms (filt)', 'bwd speedup', 'bwd FLOPs cut']
+    kernels = 'backward_kernel_ms' in results[0]['vanilla']
+    if kernels:
+        headers += ['fwd kernel ratio', 'bwd kernel ms', 'bwd kernel ms (filt)',
+                    'bwd kernel speedup']
+    rows = []
+    for r in results:
+        van, fil = r['vanilla'], r['filtered']
+        row = [
+            r['name'], r['radius'], f"{van['forward']['median']:.3f}",
+            f"{fil['forward']['median']:.3f}", f"{r['forward_ratio']:.2f}x",
+            f"{van['backward']['median']:.3f}",
+            f"{fil['backward']['median']:.3f}",
+            f"{r['backward_speedup']:.1f}x",
+            f"{van['backward_flops'] / fil['backward_flops']:.0f}x"
+        ]
+        if kernels:
+            row += [
+                f"{fil['forward_kernel_ms'] / van['forward_kernel_ms']:.2f}x",
+                f"{van['backward_kernel_ms']:.4f}",
+                f"{fil['backward_kernel_ms']:.4f}",
+                f"{van['backward_kernel_ms'] / fil['backward_kernel_ms']:.1f}x"
+            ]
+        rows.append(row)
+    return headers, rows

@@ -28,3 +28,16 @@ def summarize(samples: List[float]) -> Dict[str, float]:
                  [ms[0]] * 3)
     return dict(median=statistics.median(ms), q1=quartiles[0],
                 q3=quartiles[2], min=ms[0], max=ms[-1], n=len(ms))
+
+
+def cuda_kernel_seconds(fn: Callable[[], object], iters: int) -> float:
+    """Mean summed CUDA kernel time of ``fn`` per call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernel_us = sum(e.device_time_total for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernel_us / iters / 1e6

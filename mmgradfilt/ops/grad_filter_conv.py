@@ -41,13 +41,32 @@ def _window(x: Tensor, block: IntPair) -> IntPair:
     return tuple(min(b, n) for b, n in zip(block, x.shape[-2:]))
 
 
+def _block_sums(x: Tensor, block: IntPair) -> Optional[Tensor]:
+    """Sums over ``block`` tiles when they tile ``x`` exactly, else None.
+
+    Rows first: the inner loop then runs over whole contiguous rows, which is
+    several times faster on CPU than ``avg_pool2d``'s window loop.
+    """
+    n, c, h, w = x.shape
+    if h % block[0] or w % block[1] or not x.is_contiguous():
+        return None
+    rows = x.view(n, c, h // block[0], block[0], w).sum(3)
+    return rows.view(n, c, h // block[0], w // block[1], block[1]).sum(4)
+
+
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
     """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels."""
+    sums = _block_sums(x, block)
+    if sums is not None:
+        return sums.div_(block[0] * block[1])
     return F.avg_pool2d(x, _window(x, block), block, ceil_mode=True)
 
 
 def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
     """Sum of ``x`` over ``patch`` tiles (partial last tiles included)."""
+    sums = _block_sums(x, patch)
+    if sums is not None:
+        return sums
     return F.avg_pool2d(x, _window(x, patch), patch, ceil_mode=True,
                         divisor_override=1)
 
@@ -74,12 +93,15 @@ def _fit(x: Tensor, size: IntPair) -> Tensor:
 def _broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair) -> Tensor:
     """Repeat every grid cell over its block of pixels, cropped to ``size``.
 
-    One write of the result: a copy from a stride-0 view into a 6-D view of
-    the output (``expand().reshape()`` goes through a slower generic copy).
+    Widen each grid row to a pixel row first (a quarter of the work at r=4),
+    then copy whole rows ``block[0]`` times: both copies run over long
+    contiguous rows instead of ``block[1]``-element runs.
     """
     n, c, hb, wb = grid.shape
-    full = grid.new_empty(n, c, hb, block[0], wb, block[1])
-    full.copy_(grid[:, :, :, None, :, None].expand_as(full))
+    rows = grid[..., None].expand(n, c, hb, wb, block[1])
+    rows = rows.reshape(n, c, hb, 1, wb * block[1])
+    full = grid.new_empty(n, c, hb, block[0], wb * block[1])
+    full.copy_(rows.expand_as(full))
     full = full.view(n, c, hb * block[0], wb * block[1])
     return full[:, :, :size[0], :size[1]]
 
@@ -117,7 +139,12 @@ class GridConv:
         grid share one value).
         """
         kernel = self.kernel(weight)
-        if kernel.shape[2:] == (1, 1):
+        if kernel.shape[2:] == (1, 1) and weight.shape[:2] == (groups, 1):
+            # depthwise: one channel per group, elementwise products
+            w = kernel.view(1, -1, 1, 1)
+            gx = g * w if need_x else None
+            gw = (g * x_grid).sum((0, 2, 3)).view(-1, 1, 1, 1) if need_w else None
+        elif kernel.shape[2:] == (1, 1):
             # a 1x1 conv on the grid is a (grouped) matrix product
             n, c_out, hp, wp = g.shape
             g = g.reshape(n, groups, c_out // groups, hp * wp)
