@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_kernels
+
 IntPair = Tuple[int, int]
 
 
@@ -56,6 +58,8 @@ def _block_sums(x: Tensor, block: IntPair) -> Optional[Tensor]:
 
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
     """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels."""
+    if triton_kernels.available(x):
+        return triton_kernels.block_reduce(x, block, mean=True)
     sums = _block_sums(x, block)
     if sums is not None:
         return sums.div_(block[0] * block[1])
@@ -64,6 +68,8 @@ def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
 
 def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
     """Sum of ``x`` over ``patch`` tiles (partial last tiles included)."""
+    if triton_kernels.available(x):
+        return triton_kernels.block_reduce(x, patch, mean=False)
     sums = _block_sums(x, patch)
     if sums is not None:
         return sums
@@ -201,7 +207,10 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                 x_grid = _fit(pooled, fit_size)
             gx, grad_w = grid.backward(g, x_grid, weight, ctx.groups, need_x,
                                        need_w)
-            if need_x:
+            if need_x and triton_kernels.available(gx):
+                grad_x = triton_kernels.broadcast_blocks(gx, grid.block,
+                                                         ctx.in_size)
+            elif need_x:
                 in_grid = tuple(patch_grid_size(n, b)
                                 for n, b in zip(ctx.in_size, grid.block))
                 gx = _fit(gx, in_grid)

@@ -1,0 +1,69 @@
+"""The Triton fast path on CUDA gives the pure-PyTorch reference's results."""
+import pytest
+import torch
+
+from mmgradfilt.ops import grad_filter_conv as reference
+from mmgradfilt.ops import grad_filter_conv2d, triton_kernels
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_kernels.ENABLED),
+    reason='needs a CUDA GPU and Triton')
+
+SIZES = [(16, 16), (17, 23), (3, 5), (64, 61)]
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6), (8, 8)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_block_reduce_matches_pooling(size, block, dtype):
+    x = torch.randn(2, 3, *size, device='cuda', dtype=dtype)
+    window = tuple(min(b, n) for b, n in zip(block, size))
+    want_mean = torch.nn.functional.avg_pool2d(x.float(), window, block,
+                                               ceil_mode=True)
+    want_sum = torch.nn.functional.avg_pool2d(x.float(), window, block,
+                                              ceil_mode=True,
+                                              divisor_override=1)
+    got_mean = triton_kernels.block_reduce(x, block, mean=True)
+    got_sum = triton_kernels.block_reduce(x, block, mean=False)
+    assert got_mean.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
+        rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(got_mean.float(), want_mean, **tol)
+    torch.testing.assert_close(got_sum.float(), want_sum, **tol)
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6)])
+@pytest.mark.parametrize('grid_delta', [0, -1, 1])
+def test_broadcast_matches_reference(size, block, grid_delta):
+    cells = [max(-(-n // b) + grid_delta, 1) for n, b in zip(size, block)]
+    grid = torch.randn(2, 3, *cells, device='cuda')
+    in_grid = tuple(-(-n // b) for n, b in zip(size, block))
+    fitted = reference._fit(grid, in_grid)
+    want = reference._broadcast_blocks(
+        fitted / reference._block_counts(size, block, fitted), block, size)
+    got = triton_kernels.broadcast_blocks(grid, block, size)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(padding=(1, 1)),
+    dict(stride=(2, 2), padding=(1, 1)),
+    dict(padding=(12, 12), dilation=(12, 12), radius=(3, 3)),
+    dict(padding=(1, 1), groups=8),
+])
+def test_op_same_with_and_without_triton(monkeypatch, kwargs):
+    torch.manual_seed(0)
+    groups = kwargs.get('groups', 1)
+    x = torch.randn(2, 8, 37, 45, device='cuda', requires_grad=True)
+    weight = torch.randn(8, 8 // groups, 3, 3, device='cuda',
+                         requires_grad=True)
+    bias = torch.randn(8, device='cuda', requires_grad=True)
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(triton_kernels, 'ENABLED', enabled)
+        out = grad_filter_conv2d(x, weight, bias, **kwargs)
+        grads.append(torch.autograd.grad(out.square().sum(),
+                                         (x, weight, bias)))
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
