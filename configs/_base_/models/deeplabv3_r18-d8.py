@@ -1,0 +1,37 @@
+# DeepLabV3, ResNet18-V1c-D8 (MMSeg's r18-d8 settings) as the authors train it:
+# no auxiliary head, no dropout, backbone BatchNorm statistics frozen.
+_base_ = 'mmseg::_base_/models/deeplabv3_r50-d8.py'
+model = dict(
+    pretrained=None,
+    backbone=dict(depth=18, norm_eval=True),
+    decode_head=dict(in_channels=512, channels=128, dropout_ratio=0.0),
+    auxiliary_head=None)
+# ImageNet weights for calib (MMSeg's open-mmlab://resnet18_v1c, local)
+backbone_pretrained = dict(
+    type='Pretrained', checkpoint='checkpoints/resnet18_v1c-b5776b93.pth')
+
+# The authors' recipes: calib trains the classifier; nL trains the last n conv
+# layers (freeze_layers) and filters their gradient (filter_install)
+calib_freeze = ['backbone', 'decode_head', '~decode_head.conv_seg']
+layers_5L = dict(
+    filter_install=[
+        dict(path='decode_head.bottleneck', radius=3),
+        dict(path='decode_head.aspp_modules.0', radius=3),
+        dict(path='decode_head.aspp_modules.1', radius=3),
+        dict(path='decode_head.aspp_modules.2', radius=6),
+        dict(path='decode_head.aspp_modules.3', radius=9),
+    ],
+    freeze_layers=[
+        'backbone', 'decode_head', '~decode_head.conv_seg',
+        '~decode_head.bottleneck', '~decode_head.aspp_modules'
+    ])
+layers_10L = dict(
+    filter_install=layers_5L['filter_install'] + [
+        dict(path='backbone.layer4.1', radius=2),
+        dict(path='backbone.layer4.0.conv2', radius=2),
+        dict(path='backbone.layer4.0.conv1', radius=2),
+    ],
+    freeze_layers=layers_5L['freeze_layers'] + [
+        '~backbone.layer4.1.conv2', '~backbone.layer4.1.conv1',
+        '~backbone.layer4.0.conv2', '~backbone.layer4.0.conv1'
+    ])

@@ -1,0 +1,19 @@
+# A quarter-width DeepLabV3-R18-D8 (16 to 128 channels) for the offline CPU
+# demo. Same module names as the full-size model, so its recipes (calib_freeze,
+# layers_5L, layers_10L) apply unchanged; trained from scratch, so no
+# pretrained backbone.
+_base_ = './deeplabv3_r18-d8.py'
+model = dict(
+    backbone=dict(stem_channels=16, base_channels=16),
+    decode_head=dict(in_channels=128, channels=32))
+backbone_pretrained = None
+# 64x64 demo inputs give 8x8 feature maps: the same layers, radius 2 (a 4x4
+# patch grid) instead of the 64x64-map radii
+layers_5L = dict(filter_install=[
+    dict(path=item['path'], radius=2)
+    for item in _base_.layers_5L.filter_install
+])
+layers_10L = dict(filter_install=[
+    dict(path=item['path'], radius=2)
+    for item in _base_.layers_10L.filter_install
+])

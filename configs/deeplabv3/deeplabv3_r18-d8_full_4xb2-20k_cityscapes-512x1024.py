@@ -1,0 +1,13 @@
+# full: vanilla back-propagation through the whole model, from calib
+_base_ = [
+    '../_base_/models/deeplabv3_r18-d8.py',
+    'mmseg::_base_/datasets/cityscapes.py',
+    '../_base_/schedules/seg_finetune_20k.py',
+    '../_base_/seg_runtime.py',
+]
+crop_size = (512, 1024)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    decode_head=dict(num_classes=19))
+load_from = ('checkpoints/deeplabv3_r18-d8_calib_4xb2-1k_cityscapes-512x1024/'
+             'iter_1000.pth')

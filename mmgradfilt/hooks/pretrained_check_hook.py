@@ -1,0 +1,65 @@
+import os.path as osp
+from typing import Iterator, List, Tuple
+
+import torch.nn as nn
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop
+from mmengine.utils import is_list_of
+
+
+def _pretrained_paths(model: nn.Module) -> Iterator[Tuple[str, str]]:
+    """``(module name, checkpoint)`` of every ``Pretrained`` init_cfg."""
+    for name, module in model.named_modules():
+        init_cfg = getattr(module, 'init_cfg', None)
+        cfgs = init_cfg if is_list_of(init_cfg, dict) else [init_cfg]
+        for cfg in cfgs:
+            if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+                yield name or type(model).__name__, cfg['checkpoint']
+
+
+@HOOKS.register_module()
+class PretrainedCheckHook(Hook):
+    """Fail at the start of a run when a local checkpoint it loads is missing.
+
+    Checks ``load_from`` and, when training, every
+    ``init_cfg=dict(type='Pretrained', ...)`` of the model in ``before_run``,
+    before weights are initialised or loaded, so a missing file stops the run
+    before its first iteration with one error naming every missing file and
+    how to obtain it. Remote
+    checkpoints (``scheme://``) are left to MMEngine.
+
+    Args:
+        hint (str): How to obtain a missing checkpoint, appended to the
+            error. Defaults to a pointer to ``checkpoints/README.md``.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self,
+                 hint: str = 'See checkpoints/README.md for how to produce '
+                 'it (calib configs) or convert an official one.') -> None:
+        if not isinstance(hint, str):
+            raise TypeError(f'hint must be a str, got {hint!r}')
+        self.hint = hint
+
+    def before_run(self, runner) -> None:
+        """Check the checkpoints of ``load_from`` and of ``init_cfg``."""
+        model = runner.model.module if is_model_wrapper(
+            runner.model) else runner.model
+        wanted: List[Tuple[str, str]] = []
+        if runner._load_from:
+            wanted.append(('load_from', runner._load_from))
+        if isinstance(runner._train_loop, BaseLoop):  # weights are initialised
+            wanted += [(f'init_cfg of {name}', path)
+                       for name, path in _pretrained_paths(model)]
+        missing = [(what, path) for what, path in wanted
+                   if '://' not in path
+                   and not osp.isfile(osp.expanduser(path))]
+        if missing:
+            raise FileNotFoundError(
+                'Missing checkpoint(s): ' + '; '.join(
+                    f'"{path}" (set by {what})' for what, path in missing) +
+                f'. {self.hint}')
+
