@@ -1,0 +1,122 @@
+"""Every classification config loads, builds offline and trains one step."""
+import copy
+import functools
+import glob
+import os.path as osp
+import re
+
+import pytest
+import torch
+from mmengine.config import Config, utils
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import HOOKS, init_default_scope
+from mmpretrain.registry import MODELS
+from mmpretrain.structures import DataSample
+
+from mmgradfilt import GradFilterConv2d
+
+CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', 'configs')
+CONFIGS = sorted(
+    path for folder in ('mobilenet_v2', 'resnet', 'mcunet', 'demo_cls')
+    for path in glob.glob(osp.join(CONFIG_ROOT, folder, '*.py')))
+VARIANT = re.compile(r'_(full|pretrain|base-last(\d)|filt-last(\d)-r(\d))_')
+_models = {}  # built models by config, copied per test
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fast_cpu():
+    """Speed-ups that change no result.
+
+    MMEngine re-reads all of MMPretrain's metafiles for every ``mmpretrain::``
+    base (0.2 s each): read them once. Random weights with BatchNorm in eval
+    mode shrink activations into denormals, which slow CPU kernels ~20x:
+    flush them. Tiny tensors run faster on one thread, above all on a busy
+    machine.
+    """
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, '_get_cfg_metainfo',
+                   functools.lru_cache(utils._get_cfg_metainfo))
+        torch.set_flush_denormal(True)
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def build_model(cfg, net_config):
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    if model_cfg.backbone.type == 'MCUNet':
+        model_cfg.backbone.net_config = net_config
+    key = repr(model_cfg)
+    if key not in _models:
+        init_default_scope('mmpretrain')
+        _models[key] = MODELS.build(model_cfg)
+    return copy.deepcopy(_models[key]).train()
+
+
+def one_batch(num_classes):
+    gen = torch.Generator().manual_seed(0)
+    return dict(
+        inputs=[torch.randint(0, 256, (3, 32, 32), generator=gen,
+                              dtype=torch.uint8) for _ in range(2)],
+        data_samples=[DataSample().set_gt_label(i % num_classes)
+                      for i in range(2)])
+
+
+def test_configs_found():
+    assert len(CONFIGS) >= 4 * 3 * 18
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config(path, mcunet_net_config):
+    cfg = Config.fromfile(path)
+    name = osp.basename(path)
+    variant = VARIANT.search(name)
+    assert variant, f'{name}: no variant in the name'
+    kind = variant.group(1).split('-')[0]
+    num_blocks = int(variant.group(2) or variant.group(3) or 0)
+    radius = int(variant.group(4) or 0)
+
+    # the user split in the name is the partition trained and validated on
+    user = int(re.search(r'-user(\d)\.py$', name).group(1))
+    assert cfg.train_dataloader.dataset.partition == user
+    assert cfg.val_dataloader.dataset.partition == user
+    if kind == 'pretrain':
+        assert cfg.load_from is None
+        assert cfg.model.backbone.init_cfg.type == 'Pretrained'
+    else:  # fine-tuning loads what the pretrain config of its folder writes
+        pretrain = osp.basename(osp.dirname(cfg.load_from)) + '.py'
+        assert osp.isfile(osp.join(osp.dirname(path), pretrain)), pretrain
+
+    model = build_model(cfg, mcunet_net_config)
+    hooks = [h for h in cfg.custom_hooks if h.type == 'GradientFilterHook']
+    assert len(hooks) == (kind in ('base', 'filt'))
+    for hook in hooks:
+        HOOKS.build(hook).apply(model)
+
+    filtered = {n: m.radius for n, m in model.named_modules()
+                if isinstance(m, GradFilterConv2d)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if kind in ('base', 'filt'):
+        blocks = tuple(f'{b}.' for b in cfg.last_blocks[:num_blocks])
+        assert trainable == {
+            n for n, _ in model.named_parameters()
+            if n.startswith(blocks) or n.startswith('head.')}
+        convs = {n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and n.startswith(blocks)}
+        assert set(filtered) == (convs if kind == 'filt' else set())
+        assert set(filtered.values()) <= {(radius, radius)}
+    else:
+        assert not filtered
+        assert trainable == {n for n, _ in model.named_parameters()}
+
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = model.train_step(
+        one_batch(cfg.model.head.num_classes), optim_wrapper)
+    assert torch.isfinite(log['loss'])
+    changed = {n for n, p in model.named_parameters()
+               if not torch.equal(p, before[n])}
+    assert 'head.fc.bias' in changed and changed <= trainable
