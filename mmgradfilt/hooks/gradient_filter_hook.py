@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..surgery import (check_filter_install, check_freeze_rules,
                        count_parameters, format_table, freeze_layers,
-                       install_gradient_filter)
+                       get_module, install_gradient_filter)
 
 
 @HOOKS.register_module()
@@ -47,6 +47,8 @@ class GradientFilterHook(Hook):
 
     def apply(self, model: nn.Module) -> str:
         """Do the surgery on ``model``; return the report to log."""
+        for rule in self.freeze_layers:  # refuse unknown paths before any change
+            get_module(model, rule.lstrip('~'))
         records = install_gradient_filter(model, self.filter_install)
         rules = freeze_layers(model, self.freeze_layers, self.norm_eval)
         frozen = [r.path for r in records

@@ -1,6 +1,9 @@
-from typing import Tuple, Union
+import logging
+from typing import Optional, Tuple, Union
 
+import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.utils import _pair
@@ -30,6 +33,9 @@ class GradFilterConv2d(nn.Conv2d):
     and the input and weight gradients are computed on the patch grid (see
     :mod:`mmgradfilt.ops.grad_filter_conv`); only the pooled input is kept for
     backward. Parameters and state_dict keys are those of ``nn.Conv2d``.
+    Under autocast the op runs in the autocast dtype, as ``nn.Conv2d`` does. A
+    warning names the layer the first time its output is smaller than the
+    patch (the filter then averages the gradient over the whole map).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -60,6 +66,7 @@ class GradFilterConv2d(nn.Conv2d):
                          dtype)
         self.radius = check_radius(radius)
         self._padding_pair = self._numeric_padding()
+        self._warned_small = False
 
     def _numeric_padding(self) -> Tuple[int, int]:
         """Padding as two ints; 'same' must be symmetric."""
@@ -91,6 +98,33 @@ class GradFilterConv2d(nn.Conv2d):
         return f'{super().extra_repr()}, radius={self.radius}'
 
     def forward(self, x: Tensor) -> Tensor:
-        return grad_filter_conv2d(x, self.weight, self.bias, self.stride,
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # cast as autocast casts conv2d; the op's backward then sees one dtype
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                out = self._conv(x, weight, bias)
+        else:
+            out = self._conv(x, weight, bias)
+        if out.requires_grad and not self._warned_small:
+            self._check_patch(tuple(out.shape[-2:]))
+        return out
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return grad_filter_conv2d(x, weight, bias, self.stride,
                                   self._padding_pair, self.dilation,
                                   self.groups, self.radius)
+
+    def _check_patch(self, size: Tuple[int, int]) -> None:
+        """Warn once if the output is smaller than the gradient patch."""
+        if all(n >= r for n, r in zip(size, self.radius)):
+            return
+        self._warned_small = True
+        print_log(f'{self!r}: its {size[0]}x{size[1]} output is smaller than '
+                  f'the {self.radius[0]}x{self.radius[1]} gradient patch, so '
+                  'the filter averages the gradient over the whole map; use a '
+                  f'radius of at most {min(size)}', logger='current',
+                  level=logging.WARNING)
