@@ -23,7 +23,7 @@ model = dict(
     backbone=dict(depth=18, stem_channels=16, base_channels=16,
                   norm_cfg=norm_cfg),
     decode_head=dict(in_channels=128, channels=16, dilations=(1, 2, 3, 4),
-                     num_classes=3, norm_cfg=norm_cfg),
+                     dropout_ratio=0.0, num_classes=3, norm_cfg=norm_cfg),
     auxiliary_head=None)
 train_dataloader = dict(
     batch_size=2,
