@@ -30,10 +30,16 @@ def step_tables(result: Dict) -> str:
                  f"{ratio['step']:.2f}x", f"{ratio['layer_saved']:.1f}x",
                  f"{ratio['saved']:.2f}x", f"{ratio['peak']:.2f}x",
                  f"{ratio['layer_flops']:.1f}x"])
-    summary = format_table([
-        'model', 'forward ms', 'backward ms', 'optimizer ms', 'step ms',
-        'layers saved MB', 'all saved MB', 'peak MB', 'layers bwd GFLOPs'
-    ], rows)
+    headers = ['model', 'forward ms', 'backward ms', 'optimizer ms', 'step ms',
+               'layers saved MB', 'all saved MB', 'peak MB',
+               'layers bwd GFLOPs']
+    if 'step_kernel_ms' in result['vanilla']:
+        headers.append('step kernel ms')
+        van, fil = (result[k]['step_kernel_ms'] for k in ('vanilla', 'filtered'))
+        rows[0].append(f'{van:.2f}')
+        rows[1].append(f'{fil:.2f}')
+        rows[2].append(f'{van / fil:.2f}x')
+    summary = format_table(headers, rows)
     layer_rows = [[
         path, f"{result['vanilla']['layers'][path]['saved_bytes'] / MB:.3f}",
         f"{layer['saved_bytes'] / MB:.3f}",

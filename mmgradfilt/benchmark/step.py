@@ -14,7 +14,7 @@ from ..layers import GradFilterConv2d
 from ..surgery import freeze_layers
 from .flops import conv_backward_flops
 from .memory import SavedTensorMeter, peak_memory_bytes
-from .timing import summarize, timed
+from .timing import cuda_kernel_seconds, summarize, timed
 
 PHASES = ('forward', 'backward', 'optimizer')
 
@@ -141,4 +141,6 @@ def bench_step(step: TrainStep, paths: List[str], device: torch.device,
         for p, m in layers.items()
     }
     result['peak_bytes'] = peak_memory_bytes(step.run, device)
+    if device.type == 'cuda':
+        result['step_kernel_ms'] = 1e3 * cuda_kernel_seconds(step.run, iters)
     return result

@@ -22,11 +22,13 @@ conv without "same" padding gives the two grids different sizes, the input grid
 is cropped or zero-padded at its bottom/right to match; input pixels cut off that
 way get no gradient.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from . import triton_kernels
 
@@ -77,14 +79,15 @@ def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
                         divisor_override=1)
 
 
-def _block_counts(size: IntPair, block: IntPair, like: Tensor) -> Tensor:
-    """Pixels in each block of the grid, shape ``(Hb, Wb)``."""
+@functools.lru_cache(maxsize=256)
+def _block_counts(size: IntPair, block: IntPair, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """Pixels in each block of the grid, shape ``(Hb, Wb)`` (cached)."""
     counts = []
     for n, b in zip(size, block):
-        c = torch.full((patch_grid_size(n, b),), float(b), dtype=like.dtype,
-                       device=like.device)
-        c[-1] = n - b * (len(c) - 1)
-        counts.append(c)
+        c = [float(b)] * patch_grid_size(n, b)
+        c[-1] = float(n - b * (len(c) - 1))
+        counts.append(torch.tensor(c, dtype=dtype, device=device))
     return counts[0][:, None] * counts[1][None, :]
 
 
@@ -172,6 +175,13 @@ class GridConv:
         return gx, gw
 
 
+@functools.lru_cache(maxsize=1024)
+def grid_conv(kernel_size: IntPair, stride: IntPair, padding: IntPair,
+              dilation: IntPair, radius: IntPair) -> GridConv:
+    """The (cached) grid conv of a layer."""
+    return GridConv(kernel_size, stride, padding, dilation, radius)
+
+
 class GradFilterConv2dFunction(torch.autograd.Function):
     """``F.conv2d`` forward, gradient-filtered backward."""
 
@@ -180,7 +190,8 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                 stride: IntPair, padding: IntPair, dilation: IntPair, groups: int,
                 radius: IntPair) -> Tensor:
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        grid = GridConv(weight.shape[2:], stride, padding, dilation, radius)
+        grid = grid_conv(tuple(weight.shape[2:]), stride, padding, dilation,
+                         radius)
         pooled = pool_blocks(x, grid.block) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(pooled, weight)
         ctx.grid = grid
@@ -214,7 +225,8 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                 in_grid = tuple(patch_grid_size(n, b)
                                 for n, b in zip(ctx.in_size, grid.block))
                 gx = _fit(gx, in_grid)
-                gx = gx / _block_counts(ctx.in_size, grid.block, gx)
+                gx = gx / _block_counts(ctx.in_size, grid.block, gx.dtype,
+                                        gx.device)
                 grad_x = _broadcast_blocks(gx, grid.block, ctx.in_size)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
@@ -229,16 +241,18 @@ def grad_filter_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         x (Tensor): Input of shape ``(N, C_in, H, W)``.
         weight (Tensor): Kernel of shape ``(C_out, C_in / groups, kH, kW)``.
         bias (Tensor, optional): Bias of shape ``(C_out,)``. Defaults to None.
-        stride, padding, dilation (tuple[int, int]): As ``F.conv2d``; padding
-            must be numeric (zero padding).
+        stride, padding, dilation (int | tuple[int, int]): As ``F.conv2d``;
+            padding must be numeric (zero padding).
         groups (int): As ``F.conv2d``. Defaults to 1.
-        radius (tuple[int, int]): Patch size ``r`` of the output-gradient
-            filter. Defaults to (4, 4).
+        radius (int | tuple[int, int]): Patch size ``r`` of the
+            output-gradient filter. Defaults to (4, 4).
 
     Returns:
         Tensor: Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation,
         groups)``.
     """
+    stride, padding, dilation, radius = map(_pair,
+                                            (stride, padding, dilation, radius))
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))

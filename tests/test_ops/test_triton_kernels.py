@@ -41,7 +41,8 @@ def test_broadcast_matches_reference(size, block, grid_delta):
     in_grid = tuple(-(-n // b) for n, b in zip(size, block))
     fitted = reference._fit(grid, in_grid)
     want = reference._broadcast_blocks(
-        fitted / reference._block_counts(size, block, fitted), block, size)
+        fitted / reference._block_counts(size, block, fitted.dtype,
+                                         fitted.device), block, size)
     got = triton_kernels.broadcast_blocks(grid, block, size)
     torch.testing.assert_close(got, want)
 
