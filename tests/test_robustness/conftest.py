@@ -95,7 +95,11 @@ def seg_cfg(seg_config_file):
 
 @pytest.fixture(scope='session')
 def build_seg_model(seg_cfg):
-    """``build(filtered)``: the tiny model, seeded, with or without the recipe."""
+    """``build(filtered)``: the tiny model, seeded, frozen as the recipe says.
+
+    ``filtered=False`` gives the vanilla model: the same layers frozen, no
+    filter.
+    """
     from mmseg.registry import MODELS
 
     from mmgradfilt import GradientFilterHook
@@ -104,10 +108,11 @@ def build_seg_model(seg_cfg):
         torch.manual_seed(0)
         model = MODELS.build(copy.deepcopy(seg_cfg.model))
         model.init_weights()
-        if filtered:
-            hook_cfg = dict(seg_cfg.custom_hooks[0])
-            hook_cfg.pop('type')
-            GradientFilterHook(**hook_cfg).apply(model)
+        hook_cfg = dict(seg_cfg.custom_hooks[0])
+        hook_cfg.pop('type')
+        if not filtered:
+            hook_cfg['filter_install'] = []
+        GradientFilterHook(**hook_cfg).apply(model)
         return model
 
     return build
@@ -118,3 +123,26 @@ def seg_batch(seg_cfg):
     """One training batch from MMSeg's dataset and pipeline."""
     from mmengine.runner import Runner
     return next(iter(Runner.build_dataloader(seg_cfg.train_dataloader)))
+
+
+@pytest.fixture(scope='session')
+def build_resnet18():
+    """``build(filtered)``: torchvision's ResNet-18 training ``layer4`` only.
+
+    ``filtered=True`` puts the filter on ``layer4``. It needs no MMCV, so the
+    CUDA and ONNX checks run where only PyTorch and MMEngine are installed.
+    """
+    torchvision = pytest.importorskip('torchvision')
+
+    from mmgradfilt import GradientFilterHook
+
+    def build(filtered: bool = True):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+        GradientFilterHook(
+            filter_install=[dict(path='layer4', radius=2)] if filtered else [],
+            freeze_layers=['conv1', 'bn1', 'layer1', 'layer2', 'layer3'],
+        ).apply(model)
+        return model
+
+    return build
