@@ -2,7 +2,9 @@
 # weights, all layers: the checkpoint user 1's configs fine-tune.
 _base_ = ['./mcunet-5fps_full_1xb128-50e_cifar100-user1.py']
 
-model = dict(backbone=dict(init_cfg=_base_.imagenet_init))
+# BatchNorm trains here: this is ordinary training, not on-device
+model = dict(
+    backbone=dict(norm_eval=False, init_cfg=_base_.imagenet_init))
 load_from = None
 train_dataloader = dict(dataset=dict(partition=0))
 val_dataloader = dict(dataset=dict(partition=0))
