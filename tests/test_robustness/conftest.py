@@ -4,7 +4,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
 from PIL import Image
+
+from mmgradfilt import GradientFilterHook
 
 NUM_IMAGES = 8
 IMAGE_SIZE = 32
@@ -87,8 +92,6 @@ def seg_config_file(seg_data_root, tmp_path_factory):
 def seg_cfg(seg_config_file):
     """The tiny config, loaded (its ``custom_imports`` import mmgradfilt)."""
     pytest.importorskip('mmseg')
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
     init_default_scope('mmseg')
     return Config.fromfile(seg_config_file)
 
@@ -101,8 +104,6 @@ def build_seg_model(seg_cfg):
     filter.
     """
     from mmseg.registry import MODELS
-
-    from mmgradfilt import GradientFilterHook
 
     def build(filtered: bool = True):
         torch.manual_seed(0)
@@ -121,7 +122,6 @@ def build_seg_model(seg_cfg):
 @pytest.fixture(scope='session')
 def seg_batch(seg_cfg):
     """One training batch from MMSeg's dataset and pipeline."""
-    from mmengine.runner import Runner
     return next(iter(Runner.build_dataloader(seg_cfg.train_dataloader)))
 
 
@@ -133,8 +133,6 @@ def build_resnet18():
     CUDA and ONNX checks run where only PyTorch and MMEngine are installed.
     """
     torchvision = pytest.importorskip('torchvision')
-
-    from mmgradfilt import GradientFilterHook
 
     def build(filtered: bool = True):
         torch.manual_seed(0)

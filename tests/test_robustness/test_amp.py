@@ -2,6 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from mmengine.optim import build_optim_wrapper
+
+from mmgradfilt import GradFilterConv2d
 
 DEVICES = [
     pytest.param('cpu', 'bfloat16', id='cpu-bf16'),
@@ -36,7 +39,6 @@ def _resnet18(request, device, filtered):
 
 def _amp_errors(model, loss_fn, conv, dtype):
     """Relative error of each AMP gradient against the fp32 one; one step."""
-    from mmengine.optim import build_optim_wrapper
     model.train()
     loss_fn().backward()
     fp32 = {n: p.grad.clone() for n, p in model.named_parameters()
@@ -72,7 +74,6 @@ def _amp_errors(model, loss_fn, conv, dtype):
 @pytest.mark.parametrize('device,dtype', DEVICES)
 def test_amp_gradients_as_close_to_fp32_as_vanilla(build, device, dtype,
                                                    request, monkeypatch):
-    from mmgradfilt import GradFilterConv2d
     if device == 'cpu':
         # MMEngine 0.10 builds AmpOptimWrapper only with an accelerator;
         # autocast and its loss scaler themselves run on CPU

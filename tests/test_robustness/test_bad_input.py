@@ -5,6 +5,9 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.runner import Runner
+
+from mmgradfilt import GradFilterConv2d
 
 pytest.importorskip('mmseg')
 
@@ -21,7 +24,6 @@ def work_dir(tmp_path):
 
 
 def _build(seg_cfg, work_dir, max_iters=1, **hook):
-    from mmengine.runner import Runner
     cfg = copy.deepcopy(seg_cfg)
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f'bad_input_{len(os.listdir(work_dir))}'
@@ -68,7 +70,6 @@ def test_bad_radius_fails_when_the_runner_is_built(seg_cfg, work_dir, radius):
 ], ids=['unknown-path', 'parameter-path', 'non-conv', 'unknown-freeze-path'])
 def test_bad_path_fails_before_the_first_step(seg_cfg, work_dir, hook, error,
                                               message):
-    from mmgradfilt import GradFilterConv2d
     runner = _build(seg_cfg, work_dir, **hook)
     weights = copy.deepcopy(runner.model.state_dict())
     with pytest.raises(error, match=message):

@@ -4,24 +4,27 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.hooks import Hook
+from mmengine.runner import Runner, load_checkpoint, save_checkpoint
+
+from mmgradfilt import GradFilterConv2d
 
 pytest.importorskip('mmseg')
 
 
+class LossRecorder(Hook):
+    """The training loss of each iteration, by iteration number."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.losses[runner.iter + 1] = float(outputs['loss'])
+
+
 def _train(cfg, work_dir, **options):
     """Train ``cfg`` in ``work_dir``; return the runner and its losses."""
-    from mmengine.hooks import Hook
-    from mmengine.runner import Runner
-
-    class LossRecorder(Hook):
-
-        def __init__(self):
-            self.losses = {}
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
-            self.losses[runner.iter + 1] = float(outputs['loss'])
-
     cfg = copy.deepcopy(cfg)
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = osp.basename(work_dir)
@@ -42,7 +45,6 @@ def filtered_run(seg_cfg, tmp_path_factory):
 def test_filtered_checkpoint_loads_into_vanilla_model(filtered_run,
                                                       build_seg_model,
                                                       seg_batch):
-    from mmengine.runner import load_checkpoint
     runner, _ = filtered_run
     vanilla = build_seg_model(filtered=False)
     # strict: a missing or unexpected key raises
@@ -62,9 +64,6 @@ def test_filtered_checkpoint_loads_into_vanilla_model(filtered_run,
 
 def test_vanilla_checkpoint_loads_into_filtered_model(build_seg_model,
                                                       tmp_path):
-    from mmengine.runner import load_checkpoint, save_checkpoint
-
-    from mmgradfilt import GradFilterConv2d
     vanilla = build_seg_model(filtered=False)
     with torch.no_grad():
         for param in vanilla.parameters():

@@ -10,6 +10,12 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+from mmgradfilt import GradFilterConv2d
 
 NPROC = 2
 
@@ -21,7 +27,7 @@ def _free_port() -> int:
 
 
 def test_two_process_gloo_run(seg_config_file, tmp_path):
-    pytest.importorskip('mmseg')
+    pytest.importorskip('mmseg')  # the worker trains an MMSeg model
     work_dir = str(tmp_path / 'work_dir')
     cmd = [sys.executable, '-m', 'torch.distributed.run',
            f'--nproc_per_node={NPROC}', '--master_addr=127.0.0.1',
@@ -60,37 +66,31 @@ def test_two_process_gloo_run(seg_config_file, tmp_path):
         assert rank['frozen_with_grad'] == []
 
 
+class GradRecorder(Hook):
+    """Record the gradients the optimizer steps with, on every rank."""
+
+    def __init__(self):
+        self.steps, self.inputs, self.frozen_with_grad = [], [], set()
+
+    def before_train(self, runner):
+        self.model = runner.model.module
+        runner.optim_wrapper.optimizer.register_step_pre_hook(self.record)
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self.inputs.append([float(x.float().sum())
+                            for x in data_batch['inputs']])
+
+    def record(self, optimizer, args, kwargs):
+        params = dict(self.model.named_parameters())
+        self.steps.append({n: p.grad.clone() for n, p in params.items()
+                           if p.requires_grad})
+        self.frozen_with_grad.update(
+            n for n, p in params.items()
+            if not p.requires_grad and p.grad is not None)
+
+
 def _worker(config_file: str, work_dir: str) -> None:
     """Train the config on this rank and save what the test checks."""
-    import torch.distributed as dist
-    from mmengine.config import Config
-    from mmengine.hooks import Hook
-    from mmengine.runner import Runner
-
-    from mmgradfilt import GradFilterConv2d
-
-    class GradRecorder(Hook):
-        """Record the gradients the optimizer steps with, on every rank."""
-
-        def __init__(self):
-            self.steps, self.inputs, self.frozen_with_grad = [], [], set()
-
-        def before_train(self, runner):
-            self.model = runner.model.module
-            runner.optim_wrapper.optimizer.register_step_pre_hook(self.record)
-
-        def before_train_iter(self, runner, batch_idx, data_batch=None):
-            self.inputs.append([float(x.float().sum())
-                                for x in data_batch['inputs']])
-
-        def record(self, optimizer, args, kwargs):
-            params = dict(self.model.named_parameters())
-            self.steps.append({n: p.grad.clone() for n, p in params.items()
-                               if p.requires_grad})
-            self.frozen_with_grad.update(
-                n for n, p in params.items()
-                if not p.requires_grad and p.grad is not None)
-
     # MMEngine's init_dist calls torch.cuda.set_device; on CPU start gloo
     # here and the Runner uses this process group
     dist.init_process_group('gloo')
