@@ -27,3 +27,10 @@ $(VENV)/.installed: requirements/constraints.txt setup.cfg
 
 test: env
 	$(PY) -m pytest tests
+
+# The offline segmentation demo: digits data, calib from scratch, then enc5L
+# vs filt5L fine-tuning on a shifted domain, and their table (a few minutes on
+# 2 CPU cores; one thread per process, faster on a shared 2-core machine)
+.PHONY: demo
+demo: env
+	OMP_NUM_THREADS=1 $(PY) tools/seg_demo.py
