@@ -1,7 +1,6 @@
 import logging
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
-import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
@@ -98,25 +97,12 @@ class GradFilterConv2d(nn.Conv2d):
         return f'{super().extra_repr()}, radius={self.radius}'
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # cast as autocast casts conv2d; the op's backward then sees one dtype
-            dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(device, enabled=False):
-                out = self._conv(x, weight, bias)
-        else:
-            out = self._conv(x, weight, bias)
+        out = grad_filter_conv2d(x, self.weight, self.bias, self.stride,
+                                 self._padding_pair, self.dilation,
+                                 self.groups, self.radius)
         if out.requires_grad and not self._warned_small:
             self._check_patch(tuple(out.shape[-2:]))
         return out
-
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return grad_filter_conv2d(x, weight, bias, self.stride,
-                                  self._padding_pair, self.dilation,
-                                  self.groups, self.radius)
 
     def _check_patch(self, size: Tuple[int, int]) -> None:
         """Warn once if the output is smaller than the gradient patch."""

@@ -45,7 +45,17 @@ def _window(x: Tensor, block: IntPair) -> IntPair:
     return tuple(min(b, n) for b, n in zip(block, x.shape[-2:]))
 
 
-def _block_sums(x: Tensor, block: IntPair) -> Optional[Tensor]:
+def grid_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Grid computations of 16-bit tensors run in float32.
+
+    Patch sums are ``r^2`` times larger than single gradients, so fp16 (with
+    loss scaling) would overflow them long before the conv's own gradients.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _block_sums(x: Tensor, block: IntPair,
+                dtype: torch.dtype) -> Optional[Tensor]:
     """Sums over ``block`` tiles when they tile ``x`` exactly, else None.
 
     Rows first: the inner loop then runs over whole contiguous rows, which is
@@ -54,28 +64,33 @@ def _block_sums(x: Tensor, block: IntPair) -> Optional[Tensor]:
     n, c, h, w = x.shape
     if h % block[0] or w % block[1] or not x.is_contiguous():
         return None
-    rows = x.view(n, c, h // block[0], block[0], w).sum(3)
+    rows = x.view(n, c, h // block[0], block[0], w).sum(3, dtype=dtype)
     return rows.view(n, c, h // block[0], w // block[1], block[1]).sum(4)
 
 
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
-    """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels."""
+    """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels.
+
+    Accumulates in :func:`grid_dtype`, returns ``x``'s dtype.
+    """
     if triton_kernels.available(x):
-        return triton_kernels.block_reduce(x, block, mean=True)
-    sums = _block_sums(x, block)
+        return triton_kernels.block_reduce(x, block, mean=True, dtype=x.dtype)
+    sums = _block_sums(x, block, grid_dtype(x.dtype))
     if sums is not None:
-        return sums.div_(block[0] * block[1])
+        return sums.div_(block[0] * block[1]).to(x.dtype)
     return F.avg_pool2d(x, _window(x, block), block, ceil_mode=True)
 
 
 def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
-    """Sum of ``x`` over ``patch`` tiles (partial last tiles included)."""
+    """Sum of ``x`` over ``patch`` tiles (partial last tiles included), in
+    :func:`grid_dtype`."""
+    dtype = grid_dtype(x.dtype)
     if triton_kernels.available(x):
-        return triton_kernels.block_reduce(x, patch, mean=False)
-    sums = _block_sums(x, patch)
+        return triton_kernels.block_reduce(x, patch, mean=False, dtype=dtype)
+    sums = _block_sums(x, patch, dtype)
     if sums is not None:
         return sums
-    return F.avg_pool2d(x, _window(x, patch), patch, ceil_mode=True,
+    return F.avg_pool2d(x.to(dtype), _window(x, patch), patch, ceil_mode=True,
                         divisor_override=1)
 
 
@@ -198,6 +213,7 @@ class GradFilterConv2dFunction(torch.autograd.Function):
         ctx.groups = groups
         ctx.radius = radius
         ctx.in_size = tuple(x.shape[-2:])
+        ctx.x_dtype = x.dtype
         return out
 
     @staticmethod
@@ -205,29 +221,32 @@ class GradFilterConv2dFunction(torch.autograd.Function):
         pooled, weight = ctx.saved_tensors
         grid: GridConv = ctx.grid
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g = sum_patches(grad_out, ctx.radius)
+        g = sum_patches(grad_out, ctx.radius)  # float32 for 16-bit grads
         grad_x = grad_w = grad_b = None
         if need_b:
-            grad_b = g.sum((0, 2, 3))
+            grad_b = g.sum((0, 2, 3)).to(grad_out.dtype)
         if need_x or need_w:
             fit_size = grid.input_size(tuple(g.shape[-2:]))
             if pooled is None:
                 x_grid = g.new_empty(g.shape[0], weight.shape[1] * ctx.groups,
                                      *fit_size)
             else:
-                x_grid = _fit(pooled, fit_size)
-            gx, grad_w = grid.backward(g, x_grid, weight, ctx.groups, need_x,
-                                       need_w)
+                x_grid = _fit(pooled.to(g.dtype), fit_size)
+            gx, grad_w = grid.backward(g, x_grid, weight.to(g.dtype),
+                                       ctx.groups, need_x, need_w)
+            if grad_w is not None:
+                grad_w = grad_w.to(weight.dtype)
             if need_x and triton_kernels.available(gx):
-                grad_x = triton_kernels.broadcast_blocks(gx, grid.block,
-                                                         ctx.in_size)
+                grad_x = triton_kernels.broadcast_blocks(
+                    gx, grid.block, ctx.in_size, dtype=ctx.x_dtype)
             elif need_x:
                 in_grid = tuple(patch_grid_size(n, b)
                                 for n, b in zip(ctx.in_size, grid.block))
                 gx = _fit(gx, in_grid)
                 gx = gx / _block_counts(ctx.in_size, grid.block, gx.dtype,
                                         gx.device)
-                grad_x = _broadcast_blocks(gx, grid.block, ctx.in_size)
+                grad_x = _broadcast_blocks(gx.to(ctx.x_dtype), grid.block,
+                                           ctx.in_size)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -249,10 +268,19 @@ def grad_filter_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
     Returns:
         Tensor: Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation,
-        groups)``.
+        groups)``; under autocast, in the autocast dtype as ``F.conv2d``.
     """
     stride, padding, dilation, radius = map(_pair,
                                             (stride, padding, dilation, radius))
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # cast as autocast casts conv2d, so the backward sees one dtype
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return grad_filter_conv2d(x, weight, bias, stride, padding,
+                                      dilation, groups, radius)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))

@@ -92,11 +92,13 @@ def _index_type(*tensors: Tensor):
     return tl.int32 if small else tl.int64
 
 
-def block_reduce(x: Tensor, block: Tuple[int, int], mean: bool) -> Tensor:
-    """Sums (or means) of ``x`` over ``block`` tiles, partial tiles included."""
+def block_reduce(x: Tensor, block: Tuple[int, int], mean: bool,
+                 dtype: torch.dtype) -> Tensor:
+    """Sums (or means) of ``x`` over ``block`` tiles, partial tiles included,
+    accumulated in float32 and returned in ``dtype``."""
     n, c, h, w = x.shape
     hb, wb = -(-h // block[0]), -(-w // block[1])
-    out = x.new_empty(n, c, hb, wb)
+    out = x.new_empty(n, c, hb, wb, dtype=dtype)
     total = out.numel()
     b1p = triton.next_power_of_2(block[1])
     cells = max(_BLOCK // b1p, 16)
@@ -107,14 +109,15 @@ def block_reduce(x: Tensor, block: Tuple[int, int], mean: bool) -> Tensor:
 
 
 def broadcast_blocks(grid: Tensor, block: Tuple[int, int],
-                     size: Tuple[int, int]) -> Tensor:
+                     size: Tuple[int, int], dtype: torch.dtype) -> Tensor:
     """Every pixel gets its grid cell divided by the cell's pixel count.
 
     ``grid`` may have fewer cells than the blocks tiling ``size`` (pixels of
-    the missing blocks get zero) or more (the extra cells are ignored).
+    the missing blocks get zero) or more (the extra cells are ignored). The
+    result has ``dtype``.
     """
     n, c, hg, wg = grid.shape
-    out = grid.new_empty(n, c, *size)
+    out = grid.new_empty(n, c, *size, dtype=dtype)
     total = out.numel()
     _broadcast_kernel[(triton.cdiv(total, _BLOCK), )](
         grid.contiguous(), out, total, size[0], size[1], hg, wg, block[0],

@@ -239,3 +239,33 @@ def test_batch_size_one_and_map_smaller_than_patch():
         weight.grad, (g.T @ x.sum((2, 3)))[:, :, None, None].expand(3, 2, 3, 3))
     want_x = (g @ weight.sum((2, 3)))[:, :, None, None].expand_as(x)
     torch.testing.assert_close(x.grad, want_x)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_fp16_patch_sums_do_not_overflow(device):
+    """Patch sums exceed fp16's range before the gradients themselves do."""
+    x = torch.full((1, 2, 16, 16), 0.01, device=device)
+    weight = torch.full((2, 2, 3, 3), 0.01, device=device)
+    grad_out = torch.full((1, 2, 16, 16), 2000.0, device=device)
+
+    def grads(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight)]
+        out = grad_filter_conv2d(*leaves, padding=1, radius=8)
+        return torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+    # a patch sums 64 gradients of 2000: 128000 > 65504, fp16's largest value
+    for half, full in zip(grads(torch.float16), grads(torch.float32)):
+        assert half.dtype == torch.float16 and torch.isfinite(half).all()
+        torch.testing.assert_close(half.float(), full, rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = grad_filter_conv2d(x, weight, None, padding=1, radius=2)
+        want = F.conv2d(x, weight, None, padding=1)
+    assert out.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(out, want)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
