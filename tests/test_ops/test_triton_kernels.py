@@ -1,17 +1,22 @@
 """The Triton fast path on CUDA gives the pure-PyTorch reference's results."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from mmgradfilt.ops import grad_filter_conv as reference
 from mmgradfilt.ops import grad_filter_conv2d, triton_kernels
 
-pytestmark = pytest.mark.skipif(
+needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_kernels.ENABLED),
     reason='needs a CUDA GPU and Triton')
 
 SIZES = [(16, 16), (17, 23), (3, 5), (64, 61)]
 
 
+@needs_gpu
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6), (8, 8)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -33,6 +38,7 @@ def test_block_reduce_matches_pooling(size, block, dtype):
     torch.testing.assert_close(got_sum, want_sum, **tol)
 
 
+@needs_gpu
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6)])
 @pytest.mark.parametrize('grid_delta', [0, -1, 1])
@@ -48,6 +54,7 @@ def test_broadcast_matches_reference(size, block, grid_delta):
     torch.testing.assert_close(got, want)
 
 
+@needs_gpu
 @pytest.mark.parametrize('kwargs', [
     dict(padding=(1, 1)),
     dict(stride=(2, 2), padding=(1, 1)),
@@ -69,3 +76,40 @@ def test_op_same_with_and_without_triton(monkeypatch, kwargs):
                                          (x, weight, bias)))
     for fast, ref in zip(*grads):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+INTERPRETED = r'''
+import torch, torch.nn.functional as F
+from mmgradfilt.ops import grad_filter_conv as ref
+from mmgradfilt.ops import triton_kernels as tk
+for size, block in [((16, 16), (4, 4)), ((17, 23), (3, 6)), ((3, 5), (8, 8))]:
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(2, 3, *size).to(dtype)
+        win = tuple(min(b, n) for b, n in zip(block, size))
+        mean = tk.block_reduce(x, block, mean=True, dtype=dtype)
+        sums = tk.block_reduce(x, block, mean=False, dtype=torch.float32)
+        assert mean.dtype == dtype and sums.dtype == torch.float32
+        torch.testing.assert_close(mean.float(), F.avg_pool2d(
+            x.float(), win, block, ceil_mode=True), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(sums, F.avg_pool2d(
+            x.float(), win, block, ceil_mode=True, divisor_override=1))
+        cells = [-(-n // b) - 1 for n, b in zip(size, block)]
+        grid = torch.randn(2, 3, *[max(c, 1) for c in cells])
+        fitted = ref._fit(grid, [-(-n // b) for n, b in zip(size, block)])
+        want = ref._broadcast_blocks(fitted / ref._block_counts(
+            size, block, grid.dtype, grid.device), block, size)
+        got = tk.broadcast_blocks(grid, block, size, dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+print('interpreted kernels ok')
+'''
+
+
+def test_kernels_in_triton_interpreter_on_cpu():
+    """The same kernels, run by Triton's CPU interpreter (no GPU needed)."""
+    pytest.importorskip('triton')
+    proc = subprocess.run([sys.executable, '-c', INTERPRETED],
+                          env=dict(os.environ, TRITON_INTERPRET='1'),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'interpreted kernels ok' in proc.stdout
