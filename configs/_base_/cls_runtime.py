@@ -11,7 +11,7 @@ custom_hooks = [
     dict(
         type='PretrainedCheckHook',
         hint='A fine-tuning config (user1) loads the checkpoint its '
-        '*_pretrain_*_user0 config writes: train that one first. ImageNet '
+        '*_pretrain_*-user0 config writes: train that one first. ImageNet '
         'weights and MCUNet net configs: see the classification section of '
         'README.md.')
 ]
