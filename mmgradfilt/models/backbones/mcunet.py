@@ -182,7 +182,7 @@ class MCUNet(BaseBackbone):
         self.blocks = nn.ModuleList(
             _build_block(b, norm_cfg) for b in cfg['blocks'])
         mix = cfg.get('feature_mix_layer')
-        self.feature_mix_layer = mix and _conv_layer(mix, norm_cfg)
+        self.feature_mix_layer = _conv_layer(mix, norm_cfg) if mix else None
         num_outs = len(self.blocks) + (self.feature_mix_layer is not None)
         self.out_indices = self._check_indices(out_indices, num_outs)
         self.norm_eval = norm_eval
