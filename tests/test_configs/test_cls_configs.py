@@ -5,8 +5,11 @@ import glob
 import os.path as osp
 import re
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from mmcv.transforms import Compose
 from mmengine.config import Config, utils
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import HOOKS, init_default_scope
@@ -123,3 +126,31 @@ def test_config(path, mcunet_net_config):
     # random weights and 2 images make huge gradients, which clipping scales
     # down below float resolution for some parameters: check the frozen ones
     assert changed and changed <= trainable
+
+
+
+@pytest.mark.parametrize('piece, raw_side, side', [
+    ('cifar10_user-split_bs128', 32, 224),
+    ('cifar100_user-split_bs128', 32, 224),
+    ('imagenet_user-split_bs64', None, 224),
+    ('digits_user-split_bs32', 64, 64),
+])
+def test_dataset_pipelines(piece, raw_side, side, tmp_path):
+    """The pipelines of each dataset piece turn a raw sample into a batch."""
+    cfg = Config.fromfile(
+        osp.join(CONFIG_ROOT, '_base_', 'datasets', f'{piece}.py'))
+    init_default_scope('mmpretrain')
+    rng = np.random.default_rng(0)
+    if raw_side is None:  # ImageNet reads image files
+        path = str(tmp_path / 'img.png')
+        cv2.imwrite(path, rng.integers(0, 256, (300, 400, 3), np.uint8))
+        sample = dict(img_path=path)
+    else:  # CIFAR and digits hold arrays
+        sample = dict(img=rng.integers(0, 256, (raw_side, raw_side, 3),
+                                       np.uint8))
+    for loader in (cfg.train_dataloader, cfg.val_dataloader):
+        assert loader.dataset.type == 'UserSplitDataset'
+        packed = Compose(loader.dataset.dataset.pipeline)(
+            dict(sample, gt_label=3))
+        assert packed['inputs'].shape == (3, side, side)
+        assert packed['data_samples'].gt_label.item() == 3
