@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
+from mmengine.registry import DefaultScope
 from mmpretrain.registry import DATASETS
 
 from mmgradfilt.datasets import Digits, UserSplitDataset, make_user_split
+
+
+@pytest.fixture(autouse=True)
+def mmpretrain_scope():
+    """Build in mmpretrain's scope whatever scope an earlier test left."""
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        yield
 
 
 def test_make_user_split_is_label_sorted_shards():
