@@ -66,11 +66,11 @@ def _render(digit: np.ndarray, size: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int, domain: str) -> np.ndarray:
-    """An RGB canvas in [0, 1]: dark and plain (source) or light and tinted
-    with smooth stains (target)."""
+    """An RGB canvas in [0, 1]: dark and plain (source) or brighter and
+    tinted with smooth colour stains (target)."""
     if domain == 'source':
         return np.full((size, size, 3), rng.uniform(0.0, 0.15))
-    coarse = rng.uniform(0.55, 0.95, (4, 4, 3))
+    coarse = rng.uniform(0.1, 0.5, (4, 4, 3))
     stains = np.stack([
         np.asarray(Image.fromarray((coarse[..., c] * 255).astype(np.uint8))
                    .resize((size, size), Image.BICUBIC)) / 255.0
@@ -97,7 +97,7 @@ def make_canvas(rng: np.random.Generator, images: np.ndarray,
         if domain == 'source':
             ink = np.full(3, rng.uniform(0.8, 1.0))
         else:
-            ink = rng.uniform(0.0, 0.35, 3)
+            ink = rng.uniform(0.6, 1.0, 3)
         patch = canvas[y:y + side, x:x + side]
         canvas[y:y + side, x:x + side] = patch * (1 - alpha) + ink * alpha
         label[y:y + side, x:x + side][alpha[..., 0] > 0.4] = labels[idx] + 1
@@ -113,10 +113,11 @@ def make_digits_seg(data_root: str,
     """Write the digits segmentation demo data under ``data_root``.
 
     The 1797 scans of ``sklearn.datasets.load_digits`` are split in halves by
-    a seeded permutation: the source domain (white digits on dark canvases:
-    ``train``, ``val``) uses one half and the target domain (dark, tinted
-    digits on light stained canvases with more noise: ``shift_train``,
-    ``shift_val``) the other, so no scan appears in both. Within a domain,
+    a seeded permutation: the source domain (white digits on plain dark
+    canvases: ``train``, ``val``) uses one half and the target domain
+    (colour-tinted digits on brighter canvases with colour stains, lower
+    contrast, more noise: ``shift_train``, ``shift_val``) the other, so no
+    scan appears in both. Within a domain,
     train and val canvases draw from the same scans. The output depends only
     on the arguments.
 

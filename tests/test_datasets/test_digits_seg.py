@@ -38,13 +38,15 @@ def test_layout_and_labels(digits_root):
         assert labels.shape == (num, 48, 48) and labels.dtype == np.uint8
         assert labels.max() <= 10
         assert all((label > 0).any() for label in labels)  # a digit each
-        # source: light digits on dark canvases; target: the reverse
+        # light digits; the target's canvases are brighter and coloured
         gray = imgs.mean(-1)
         digit, background = gray[labels > 0].mean(), gray[labels == 0].mean()
+        assert digit > background + 50
+        tint = imgs[labels == 0].std(-1).mean()  # spread over R, G, B
         if domain == 'source':
-            assert digit > background + 100
+            assert background < 50 and tint < 10
         else:
-            assert digit < background - 100
+            assert background > 50 and tint > 10
 
 
 def test_deterministic_from_seed(digits_root, tmp_path):
