@@ -26,3 +26,4 @@ model = dict(
             distribution='uniform')))
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=0.002, weight_decay=0.01))
+randomness = dict(seed=0)  # a reproducible demo

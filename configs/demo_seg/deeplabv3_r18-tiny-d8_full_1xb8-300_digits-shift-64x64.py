@@ -32,3 +32,4 @@ default_hooks = dict(
     logger=dict(interval=25), checkpoint=dict(interval=300))
 load_from = ('checkpoints/deeplabv3_r18-tiny-d8_calib_1xb8-1k_digits-64x64/'
              'iter_1000.pth')
+randomness = dict(seed=0)  # a reproducible demo
