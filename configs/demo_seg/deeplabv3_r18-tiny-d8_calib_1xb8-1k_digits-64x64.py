@@ -10,8 +10,7 @@ _base_ = [
 crop_size = (64, 64)
 # From scratch: backbone BatchNorm statistics train; the head's convs get
 # PyTorch's default init (with MMSeg's, conv_seg ~ N(0, 0.01), this model
-# stayed stuck predicting background for 1k iterations); AdamW, where SGD
-# did not learn the digits in 1k iterations.
+# stayed stuck predicting background for 1k iterations); AdamW.
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(norm_eval=False),
