@@ -1,7 +1,7 @@
 """Bad input: one clear error or warning each, before any training step."""
 import copy
-import os
 import os.path as osp
+import uuid
 
 import pytest
 import torch
@@ -26,7 +26,8 @@ def work_dir(tmp_path):
 def _build(seg_cfg, work_dir, max_iters=1, **hook):
     cfg = copy.deepcopy(seg_cfg)
     cfg.work_dir = str(work_dir)
-    cfg.experiment_name = f'bad_input_{len(os.listdir(work_dir))}'
+    # a new name each time: MMLogger keeps one instance (and log file) per name
+    cfg.experiment_name = f'bad_input_{uuid.uuid4().hex}'
     cfg.train_cfg.max_iters = max_iters
     cfg.custom_hooks = [dict(type='GradientFilterHook', **hook)]
     return Runner.from_cfg(cfg)
