@@ -14,7 +14,7 @@ import os.path as osp
 import platform
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
@@ -23,6 +23,7 @@ from mmgradfilt.benchmark.report import (plot_layers, plot_step, step_tables,
                                          write_csv, write_json)
 from mmgradfilt.benchmark.step import (PHASES, TrainStep, bench_step,
                                        build_models, synthetic_batch)
+from mmgradfilt.cli import add_cfg_options
 from mmgradfilt.surgery import format_table
 
 
@@ -50,14 +51,7 @@ def parse_args():
                         help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--out', help='output folder for JSON, CSV and PNG; '
                         'defaults to work_dirs/benchmark/<config or layers>')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
+    add_cfg_options(parser)
     args = parser.parse_args()
     if (args.config is None) == (args.layers is None):
         parser.error('give either a CONFIG or --layers')
