@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import triton_kernels
+from . import cpu_kernels, triton_kernels
 
 IntPair = Tuple[int, int]
 
@@ -54,21 +54,32 @@ def grid_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _block_sums(x: Tensor, block: IntPair,
-                dtype: torch.dtype) -> Optional[Tensor]:
-    """Sums over ``block`` tiles when they tile ``x`` exactly, else None.
+def _block_sums(x: Tensor, block: IntPair, dtype: torch.dtype,
+                scale: float) -> Optional[Tensor]:
+    """``scale`` times the sums over ``block`` tiles when they tile ``x``
+    exactly, else None.
 
     Rows first: the inner loop then runs over whole contiguous rows, which is
     several times faster on CPU than ``avg_pool2d``'s window loop; the short
-    runs of ``block[1]`` columns are then summed as a matrix-vector product,
-    which CPU BLAS does about 3x faster than a reduction over a size-4 dim.
+    runs of ``block[1]`` columns are then summed (and scaled) as a
+    matrix-vector product, which CPU BLAS does about 3x faster than a
+    reduction over a size-4 dim.
     """
     n, c, h, w = x.shape
     if h % block[0] or w % block[1] or not x.is_contiguous():
         return None
     rows = x.view(n, c, h // block[0], block[0], w).sum(3, dtype=dtype)
-    sums = rows.view(-1, block[1]) @ rows.new_ones(block[1])
+    sums = rows.view(-1, block[1]) @ rows.new_full((block[1], ), scale)
     return sums.view(n, c, h // block[0], w // block[1])
+
+
+def fused_kernels(x: Tensor):
+    """The fused kernels (Triton on CUDA, C++ on CPU) that can take ``x``, or
+    None for the pure-PyTorch reference below."""
+    for kernels in (triton_kernels, cpu_kernels):
+        if kernels.available(x):
+            return kernels
+    return None
 
 
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
@@ -76,11 +87,13 @@ def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
 
     Accumulates in :func:`grid_dtype`, returns ``x``'s dtype.
     """
-    if triton_kernels.available(x):
-        return triton_kernels.block_reduce(x, block, mean=True, dtype=x.dtype)
-    sums = _block_sums(x, block, grid_dtype(x.dtype))
-    if sums is not None:
-        return sums.div_(block[0] * block[1]).to(x.dtype)
+    fused = fused_kernels(x)
+    if fused is not None:
+        return fused.block_reduce(x, block, mean=True, dtype=x.dtype)
+    means = _block_sums(x, block, grid_dtype(x.dtype),
+                        1 / (block[0] * block[1]))
+    if means is not None:
+        return means.to(x.dtype)
     return F.avg_pool2d(x, _window(x, block), block, ceil_mode=True)
 
 
@@ -88,25 +101,14 @@ def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
     """Sum of ``x`` over ``patch`` tiles (partial last tiles included), in
     :func:`grid_dtype`."""
     dtype = grid_dtype(x.dtype)
-    if triton_kernels.available(x):
-        return triton_kernels.block_reduce(x, patch, mean=False, dtype=dtype)
-    sums = _block_sums(x, patch, dtype)
+    fused = fused_kernels(x)
+    if fused is not None:
+        return fused.block_reduce(x, patch, mean=False, dtype=dtype)
+    sums = _block_sums(x, patch, dtype, 1.0)
     if sums is not None:
         return sums
     return F.avg_pool2d(x.to(dtype), _window(x, patch), patch, ceil_mode=True,
                         divisor_override=1)
-
-
-@functools.lru_cache(maxsize=256)
-def _block_counts(size: IntPair, block: IntPair, dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-    """Pixels in each block of the grid, shape ``(Hb, Wb)`` (cached)."""
-    counts = []
-    for n, b in zip(size, block):
-        c = [float(b)] * patch_grid_size(n, b)
-        c[-1] = float(n - b * (len(c) - 1))
-        counts.append(torch.tensor(c, dtype=dtype, device=device))
-    return counts[0][:, None] * counts[1][None, :]
 
 
 def _fit(x: Tensor, size: IntPair) -> Tensor:
@@ -117,20 +119,49 @@ def _fit(x: Tensor, size: IntPair) -> Tensor:
     return F.pad(x, (0, dw, 0, dh))
 
 
-def _broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair) -> Tensor:
-    """Repeat every grid cell over its block of pixels, cropped to ``size``.
+@functools.lru_cache(maxsize=256)
+def _spread_matrix(block: IntPair, width: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """``(Wb, width)`` matrix that widens a grid row to a pixel row (cached).
 
-    Widen each grid row to a pixel row first (a quarter of the work at r=4),
-    then copy whole rows ``block[0]`` times: both copies run over long
-    contiguous rows instead of ``block[1]``-element runs.
+    Column ``w`` holds ``1 / (block[0] * count)`` in the row of its block,
+    ``count`` being the block's pixels along the row; a partial last block
+    row is rescaled by the caller.
     """
-    n, c, hb, wb = grid.shape
-    rows = grid[..., None].expand(n, c, hb, wb, block[1])
-    rows = rows.reshape(n, c, hb, 1, wb * block[1])
-    full = grid.new_empty(n, c, hb, block[0], wb * block[1])
-    full.copy_(rows.expand_as(full))
-    full = full.view(n, c, hb * block[0], wb * block[1])
-    return full[:, :, :size[0], :size[1]]
+    cells = torch.arange(width, device=device) // block[1]
+    counts = (width - cells * block[1]).clamp(max=block[1])
+    matrix = torch.zeros(patch_grid_size(width, block[1]), width, dtype=dtype,
+                         device=device)
+    matrix[cells, torch.arange(width, device=device)] = 1 / (
+        block[0] * counts.to(dtype))
+    return matrix
+
+
+def broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair,
+                     dtype: torch.dtype) -> Tensor:
+    """Every pixel of ``size`` gets its grid cell divided by the cell's pixels.
+
+    ``grid`` may have fewer cells than the blocks tiling ``size`` (pixels of
+    the missing blocks get zero) or more (the extra cells are ignored). Grid
+    rows are widened to pixel rows by one matrix product (the division
+    included), then each is copied ``block[0]`` times as a whole row: no copy
+    runs over ``block[1]``-element pieces. The result has ``dtype``.
+    """
+    grid = _fit(grid, tuple(patch_grid_size(n, b) for n, b in zip(size, block)))
+    n, c, hg, wg = grid.shape
+    height, width = size
+    wide = grid.reshape(-1, wg) @ _spread_matrix(block, width, grid.dtype,
+                                                 grid.device)
+    wide = wide.view(n, c, hg, 1, width)
+    full = height // block[0]
+    out = grid.new_empty(n, c, height, width, dtype=dtype)
+    out[:, :, :full * block[0]].view(n, c, full, block[0], width).copy_(
+        wide[:, :, :full].expand(n, c, full, block[0], width))
+    if full < hg:
+        rest = height - full * block[0]
+        out[:, :, full * block[0]:].copy_(
+            wide[:, :, full] * (block[0] / rest))
+    return out
 
 
 class GridConv:
@@ -150,7 +181,11 @@ class GridConv:
     def kernel(self, weight: Tensor) -> Tensor:
         """The kernel on the grid: taps within one block are summed."""
         dims = [d for d, m in zip((2, 3), self.dilation) if not m]
-        return weight.sum(dims, keepdim=True) if dims else weight
+        if weight.shape[2:] == (1, 1) or not dims:
+            return weight
+        if len(dims) == 2 and cpu_kernels.available(weight):
+            return cpu_kernels.sum_taps(weight)
+        return weight.sum(dims, keepdim=True)
 
     def input_size(self, out_size: IntPair) -> IntPair:
         """Grid input size whose stride-1 conv gives ``out_size``."""
@@ -188,8 +223,10 @@ class GridConv:
                 g, x_grid, kernel, None, (1, 1), self.padding,
                 tuple(max(m, 1) for m in self.dilation), False, (0, 0), groups,
                 (need_x, need_w, False))
-        if gw is not None:
-            gw = gw.expand_as(weight).contiguous()
+        if gw is not None and gw.shape != weight.shape:
+            gw = (cpu_kernels.repeat_taps(gw, weight.shape)
+                  if cpu_kernels.available(gw) else
+                  gw.expand_as(weight).contiguous())
         return gx, gw
 
 
@@ -239,17 +276,11 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                                        ctx.groups, need_x, need_w)
             if grad_w is not None:
                 grad_w = grad_w.to(weight.dtype)
-            if need_x and triton_kernels.available(gx):
-                grad_x = triton_kernels.broadcast_blocks(
-                    gx, grid.block, ctx.in_size, dtype=ctx.x_dtype)
-            elif need_x:
-                in_grid = tuple(patch_grid_size(n, b)
-                                for n, b in zip(ctx.in_size, grid.block))
-                gx = _fit(gx, in_grid)
-                gx = gx / _block_counts(ctx.in_size, grid.block, gx.dtype,
-                                        gx.device)
-                grad_x = _broadcast_blocks(gx.to(ctx.x_dtype), grid.block,
-                                           ctx.in_size)
+            if need_x:
+                fused = fused_kernels(gx)
+                spread = broadcast_blocks if fused is None else (
+                    fused.broadcast_blocks)
+                grad_x = spread(gx, grid.block, ctx.in_size, ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 

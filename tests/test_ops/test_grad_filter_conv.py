@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgradfilt.ops import grad_filter_conv2d
+from mmgradfilt.ops import grad_filter_conv
 from mmgradfilt.ops.grad_filter_conv import GradFilterConv2dFunction
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
@@ -269,3 +270,42 @@ def test_autocast_runs_in_autocast_dtype():
     assert torch.equal(out, want)
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def loop_broadcast(grid, block, size):
+    """Each pixel gets its block's grid cell over the block's pixel count."""
+    out = torch.zeros(*grid.shape[:2], *size, dtype=grid.dtype)
+    for h in range(size[0]):
+        for w in range(size[1]):
+            i, j = h // block[0], w // block[1]
+            if i < grid.shape[2] and j < grid.shape[3]:
+                count = (min(size[0] - i * block[0], block[0]) *
+                         min(size[1] - j * block[1], block[1]))
+                out[:, :, h, w] = grid[:, :, i, j] / count
+    return out
+
+
+@pytest.mark.parametrize('size,block', [((16, 16), (4, 4)), ((17, 23), (3, 6)),
+                                        ((3, 5), (8, 8)), ((10, 9), (4, 2))])
+@pytest.mark.parametrize('grid_delta', [0, -1, 1])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_reference_broadcast_matches_loops(size, block, grid_delta, dtype):
+    cells = [max(-(-n // b) + grid_delta, 1) for n, b in zip(size, block)]
+    grid = torch.randn(2, 3, *cells, dtype=torch.float64)
+    got = grad_filter_conv.broadcast_blocks(grid, block, size, dtype)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, loop_broadcast(grid, block, size).to(dtype))
+
+
+@pytest.mark.parametrize('size,block', [((16, 16), (4, 4)), ((17, 23), (3, 6)),
+                                        ((3, 5), (8, 8))])
+def test_reference_pooling_matches_loops(size, block):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    sums = grad_filter_conv.sum_patches(x, block)
+    means = grad_filter_conv.pool_blocks(x, block)
+    for i in range(sums.shape[2]):
+        for j in range(sums.shape[3]):
+            tile = x[:, :, i * block[0]:(i + 1) * block[0],
+                     j * block[1]:(j + 1) * block[1]]
+            torch.testing.assert_close(sums[:, :, i, j], tile.sum((2, 3)))
+            torch.testing.assert_close(means[:, :, i, j], tile.mean((2, 3)))

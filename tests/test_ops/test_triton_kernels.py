@@ -45,11 +45,7 @@ def test_block_reduce_matches_pooling(size, block, dtype):
 def test_broadcast_matches_reference(size, block, grid_delta):
     cells = [max(-(-n // b) + grid_delta, 1) for n, b in zip(size, block)]
     grid = torch.randn(2, 3, *cells, device='cuda')
-    in_grid = tuple(-(-n // b) for n, b in zip(size, block))
-    fitted = reference._fit(grid, in_grid)
-    want = reference._broadcast_blocks(
-        fitted / reference._block_counts(size, block, fitted.dtype,
-                                         fitted.device), block, size)
+    want = reference.broadcast_blocks(grid, block, size, torch.float32)
     got = triton_kernels.broadcast_blocks(grid, block, size, torch.float32)
     torch.testing.assert_close(got, want)
 
@@ -95,9 +91,7 @@ for size, block in [((16, 16), (4, 4)), ((17, 23), (3, 6)), ((3, 5), (8, 8))]:
             x.float(), win, block, ceil_mode=True, divisor_override=1))
         cells = [-(-n // b) - 1 for n, b in zip(size, block)]
         grid = torch.randn(2, 3, *[max(c, 1) for c in cells])
-        fitted = ref._fit(grid, [-(-n // b) for n, b in zip(size, block)])
-        want = ref._broadcast_blocks(fitted / ref._block_counts(
-            size, block, grid.dtype, grid.device), block, size)
+        want = ref.broadcast_blocks(grid, block, size, torch.float32)
         got = tk.broadcast_blocks(grid, block, size, dtype)
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
