@@ -22,6 +22,8 @@ $(VENV)/.installed: requirements/constraints.txt setup.cfg
 	$(PIP) install $(SETUPTOOLS)
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) -c "import torchvision, mmcv.ops, mmseg, mmpretrain, mmgradfilt"
+	# compile the CPU kernels now (cached), not in the first test
+	$(PY) -c "from mmgradfilt.ops import cpu_kernels; assert cpu_kernels.loaded()"
 	$(VENV)/bin/mim train --help > /dev/null
 	touch $@
 

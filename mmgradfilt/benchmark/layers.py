@@ -1,5 +1,6 @@
 """Single-layer latency suite: PyTorch's conv backward vs the filtered one."""
 import json
+from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,34 +64,41 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
     grad_out = torch.randn_like(vanilla(x))
     result = dict(asdict(shape), radius=radius, batch_size=batch_size,
                   dtype=str(dtype).replace('torch.', ''))
-    for key, layer in (('vanilla', vanilla), ('filtered', filtered)):
-        fwd, bwd = [], []
-        holder = {}
+    layers = dict(vanilla=vanilla, filtered=filtered)
+    samples = {key: ([], []) for key in layers}
+    holder = {}
 
-        def forward():
-            holder['out'] = layer(x)
+    def forward(layer):
+        holder['out'] = layer(x)
 
-        def backward():
-            torch.autograd.backward(holder.pop('out'), grad_out,
-                                    inputs=[x, layer.weight])
-            x.grad = layer.weight.grad = None
+    def backward(layer):
+        torch.autograd.backward(holder.pop('out'), grad_out,
+                                inputs=[x, layer.weight])
+        x.grad = layer.weight.grad = None
 
-        for i in range(warmup + iters):
-            t_f = timed(forward, device)
-            t_b = timed(backward, device)
+    def forward_backward(layer):
+        forward(layer)
+        backward(layer)
+
+    # the two alternate, so that a slow spell of a shared machine hits both
+    for i in range(warmup + iters):
+        for key, layer in layers.items():
+            t_f = timed(partial(forward, layer), device)
+            t_b = timed(partial(backward, layer), device)
             if i >= warmup:
-                fwd.append(t_f)
-                bwd.append(t_b)
+                samples[key][0].append(t_f)
+                samples[key][1].append(t_b)
+    for key, layer in layers.items():
+        fwd, bwd = samples[key]
         result[key] = dict(forward=summarize(fwd), backward=summarize(bwd),
                            backward_flops=conv_backward_flops(
                                layer, grad_out.shape,
                                None if key == 'vanilla' else (radius, ) * 2))
         if device.type == 'cuda':
-            result[key]['backward_kernel_ms'] = 1e3 * cuda_kernel_seconds(
-                lambda: (forward(), backward()), iters) - 1e3 * \
-                cuda_kernel_seconds(forward, iters)
-            result[key]['forward_kernel_ms'] = 1e3 * cuda_kernel_seconds(
-                forward, iters)
+            step_ms, forward_ms = (1e3 * cuda_kernel_seconds(fn, iters) for fn in (
+                partial(forward_backward, layer), partial(forward, layer)))
+            result[key]['backward_kernel_ms'] = step_ms - forward_ms
+            result[key]['forward_kernel_ms'] = forward_ms
     result['backward_speedup'] = (result['vanilla']['backward']['median'] /
                                   result['filtered']['backward']['median'])
     result['forward_ratio'] = (result['filtered']['forward']['median'] /

@@ -4,16 +4,19 @@ The same two steps as :mod:`.triton_kernels` (block sums/means, and the
 broadcast of the grid input-gradient back to pixels), and the sum over a
 kernel's taps with its inverse (the weight gradient shared by all taps): each
 one pass at memory speed, where PyTorch's own CPU reductions and expanded
-copies over runs of a few elements take about twice as long. The source (``csrc/grad_filter_cpu.cpp``)
-is compiled once, on first use, with the C++ compiler PyTorch's extensions use,
+copies over runs of a few elements take about twice as long. The source
+(``csrc/grad_filter_cpu.cpp``) is compiled once per machine, on first use, with
+the C++ compiler PyTorch's extensions use, for the host CPU's instruction set,
 and cached by :func:`torch.utils.cpp_extension.load`. Without a compiler, or
 with ``MMGRADFILT_CPU_KERNELS=0``, the pure-PyTorch reference in
 :mod:`.grad_filter_conv` runs instead.
 """
 import functools
+import hashlib
 import logging
 import os
 import os.path as osp
+import platform
 from typing import Tuple
 
 import torch
@@ -23,6 +26,18 @@ from torch import Tensor
 ENABLED = os.environ.get('MMGRADFILT_CPU_KERNELS', '1') != '0'
 _SOURCE = osp.join(osp.dirname(__file__), 'csrc', 'grad_filter_cpu.cpp')
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _build_name() -> str:
+    """One build per instruction set: the kernels use the host CPU's
+    (``-march=native``), so a cache shared by other machines must not mix."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next(line for line in f
+                         if line.startswith(('flags', 'Features')))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return 'mmgradfilt_cpu_' + hashlib.md5(flags.encode()).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +50,9 @@ def loaded() -> bool:
               'compiled: about a minute)', logger='current')
     try:
         cpp_extension.load(
-            'mmgradfilt_cpu', [_SOURCE],
-            extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'],
+            _build_name(), [_SOURCE],
+            extra_cflags=['-O3', '-march=native', '-fopenmp'],
+            extra_ldflags=['-fopenmp'],
             is_python_module=False)
     except Exception as err:  # no compiler, no headers: use the reference
         print_log(f'mmgradfilt: CPU kernels unavailable ({err}); using the '
