@@ -21,8 +21,9 @@ from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
                                          load_layer_suite)
 from mmgradfilt.benchmark.report import (plot_layers, plot_step, step_tables,
                                          write_csv, write_json)
-from mmgradfilt.benchmark.step import (PHASES, TrainStep, bench_step,
-                                       build_models, synthetic_batch)
+from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
+                                       measure_step, synthetic_batch,
+                                       time_steps)
 from mmgradfilt.cli import add_cfg_options
 from mmgradfilt.surgery import format_table
 
@@ -80,12 +81,14 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
     batch = synthetic_batch(cfg, args.batch_size, size)
     result = dict(config=args.config, input_size=size, env=environment(args),
                   filtered_layers=paths)
-    bar = ProgressBar(2 * (args.warmup + args.iters))
-    for key, model in (('vanilla', vanilla), ('filtered', filtered)):
-        step = TrainStep(model, cfg.optim_wrapper, batch)
-        result[key] = bench_step(step, paths, device, args.iters, args.warmup,
-                                 bar.update)
+    steps = {key: TrainStep(model, cfg.optim_wrapper, batch)
+             for key, model in (('vanilla', vanilla), ('filtered', filtered))}
+    bar = ProgressBar(len(steps) * (args.warmup + args.iters))
+    timings = time_steps(steps, device, args.iters, args.warmup, bar.update)
     print()
+    for key, step in steps.items():
+        result[key] = dict(timings[key],
+                           **measure_step(step, paths, device, args.iters))
     van, fil = result['vanilla'], result['filtered']
 
     def layer_sum(r, key):

@@ -106,20 +106,33 @@ class TrainStep:
             getattr(self, phase)()
 
 
-def bench_step(step: TrainStep, paths: List[str], device: torch.device,
-               iters: int, warmup: int, progress: Callable[[], None]) -> Dict:
-    """Phase timings, memory and backward FLOPs of one model's step."""
-    samples = {phase: [] for phase in PHASES}
-    for i in range(warmup + iters):
-        for phase in PHASES:
-            seconds = timed(getattr(step, phase), device)
-            if i >= warmup:
-                samples[phase].append(seconds)
-        progress()
-    totals = [sum(t) for t in zip(*samples.values())]
-    result = {phase: summarize(s) for phase, s in samples.items()}
-    result['step'] = summarize(totals)
+def time_steps(steps: Dict[str, TrainStep], device: torch.device, iters: int,
+               warmup: int, progress: Callable[[], None]) -> Dict[str, Dict]:
+    """Phase timings of each model's step (medians, quartiles).
 
+    The models take turns, step by step, so that a slow spell of a shared
+    machine hits all of them alike.
+    """
+    samples = {key: {phase: [] for phase in PHASES} for key in steps}
+    for i in range(warmup + iters):
+        for key, step in steps.items():
+            for phase in PHASES:
+                seconds = timed(getattr(step, phase), device)
+                if i >= warmup:
+                    samples[key][phase].append(seconds)
+            progress()
+    results = {}
+    for key, phases in samples.items():
+        totals = [sum(t) for t in zip(*phases.values())]
+        results[key] = {phase: summarize(s) for phase, s in phases.items()}
+        results[key]['step'] = summarize(totals)
+    return results
+
+
+def measure_step(step: TrainStep, paths: List[str], device: torch.device,
+                 iters: int) -> Dict:
+    """Saved activations, backward FLOPs and peak memory of one model's step."""
+    result = {}
     layers = {p: step.model.get_submodule(p) for p in paths}
     seen = {}  # path -> (output shape, whether the input needs a gradient)
     handles = [m.register_forward_hook(
