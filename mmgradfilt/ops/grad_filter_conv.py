@@ -244,10 +244,11 @@ class GradFilterConv2dFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                 stride: IntPair, padding: IntPair, dilation: IntPair, groups: int,
                 radius: IntPair) -> Tensor:
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         grid = grid_conv(tuple(weight.shape[2:]), stride, padding, dilation,
                          radius)
+        # pooling first leaves the input in cache for the conv, which reads it
         pooled = pool_blocks(x, grid.block) if ctx.needs_input_grad[1] else None
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(pooled, weight)
         ctx.grid = grid
         ctx.groups = groups

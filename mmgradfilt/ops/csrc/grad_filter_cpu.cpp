@@ -45,10 +45,15 @@ int64_t cells(int64_t size, int64_t block) { return (size + block - 1) / block; 
 
 // Sums (or means) of x over b0 x b1 tiles, partial last tiles included: each
 // block row is summed into a row buffer, then its b1-pixel runs are summed.
-template <typename scalar_t, typename out_t, typename R>
-void block_reduce_impl(const at::Tensor& x, at::Tensor& out, int64_t b0,
-                       int64_t b1_runtime, bool mean, R) {
+// Square blocks also take b0 as a constant (R0), so that the rows of a block
+// are added in registers, one pass.
+template <typename scalar_t, typename out_t, typename R0, typename R>
+void block_reduce_impl(const at::Tensor& x, at::Tensor& out,
+                       int64_t b0_runtime, int64_t b1_runtime, bool mean, R0,
+                       R) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t B0 = R0::value;
+  const int64_t b0 = B0 ? B0 : b0_runtime;
   const int64_t b1 = R::value ? R::value : b1_runtime;
   const int64_t H = x.size(2), W = x.size(3);
   const int64_t HB = out.size(2), WB = out.size(3), full = W / b1;
@@ -63,10 +68,20 @@ void block_reduce_impl(const at::Tensor& x, at::Tensor& out, int64_t b0,
       out_t* o = dst + plane * HB * WB;
       for (int64_t h0 = 0; h0 < H; h0 += b0, o += WB) {
         const int64_t rows = std::min(b0, H - h0);
-        for (int64_t w = 0; w < W; ++w) row[w] = static_cast<acc_t>(in[w]);
-        in += W;
-        for (int64_t h = 1; h < rows; ++h, in += W)
-          for (int64_t w = 0; w < W; ++w) row[w] += static_cast<acc_t>(in[w]);
+        if (B0 && rows == B0) {
+          for (int64_t w = 0; w < W; ++w) {
+            acc_t s = static_cast<acc_t>(in[w]);
+            for (int64_t h = 1; h < B0; ++h)
+              s += static_cast<acc_t>(in[h * W + w]);
+            row[w] = s;
+          }
+          in += B0 * W;
+        } else {
+          for (int64_t w = 0; w < W; ++w) row[w] = static_cast<acc_t>(in[w]);
+          in += W;
+          for (int64_t h = 1; h < rows; ++h, in += W)
+            for (int64_t w = 0; w < W; ++w) row[w] += static_cast<acc_t>(in[w]);
+        }
         const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(rows * b1)
                                  : acc_t(1);
         for (int64_t j = 0; j < full; ++j) {
@@ -179,10 +194,18 @@ at::Tensor block_reduce(const at::Tensor& x, int64_t b0, int64_t b1, bool mean,
                     "block_reduce returns the input's or its accumulation "
                     "dtype");
         with_run(b1, [&](auto run) {
-          if (dtype == x.scalar_type())
-            block_reduce_impl<scalar_t, scalar_t>(x, out, b0, b1, mean, run);
+          auto reduce = [&](auto run0) {
+            if (dtype == x.scalar_type())
+              block_reduce_impl<scalar_t, scalar_t>(x, out, b0, b1, mean, run0,
+                                                    run);
+            else
+              block_reduce_impl<scalar_t, acc_t>(x, out, b0, b1, mean, run0,
+                                                 run);
+          };
+          if (b0 == b1)
+            reduce(run);
           else
-            block_reduce_impl<scalar_t, acc_t>(x, out, b0, b1, mean, run);
+            reduce(Run<0>());
         });
       });
   return out;
