@@ -215,8 +215,12 @@ class GridConv:
             if need_x:
                 gx = torch.matmul(w.transpose(1, 2), g).reshape(n, -1, hp, wp)
             if need_w:
-                x = x_grid.reshape(n, groups, -1, hp * wp)
-                gw = torch.matmul(g, x.transpose(2, 3)).sum(0)
+                # sum over the batch by accumulating products: no (n, ...)
+                # stack of partial weight gradients to write and add up
+                x = x_grid.reshape(n, groups, -1, hp * wp).transpose(2, 3)
+                gw = torch.bmm(g[0], x[0])
+                for i in range(1, n):
+                    gw.baddbmm_(g[i], x[i])
                 gw = gw.reshape(c_out, -1, 1, 1)
         else:
             gx, gw, _ = torch.ops.aten.convolution_backward(
