@@ -29,15 +29,17 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _build_name() -> str:
-    """One build per instruction set: the kernels use the host CPU's
-    (``-march=native``), so a cache shared by other machines must not mix."""
+    """One build per instruction set and PyTorch version: the kernels use the
+    host CPU's instructions (``-march=native``) and PyTorch's C++ ABI, so a
+    cache shared by other machines or environments must not mix them."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = next(line for line in f
                          if line.startswith(('flags', 'Features')))
     except (OSError, StopIteration):
         flags = platform.machine() + platform.processor()
-    return 'mmgradfilt_cpu_' + hashlib.md5(flags.encode()).hexdigest()[:8]
+    key = f'{flags} {torch.__version__}'.encode()
+    return 'mmgradfilt_cpu_' + hashlib.md5(key).hexdigest()[:8]
 
 
 @functools.lru_cache(maxsize=None)
