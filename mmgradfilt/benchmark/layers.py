@@ -1,7 +1,7 @@
 """Single-layer latency suite: PyTorch's conv backward vs the filtered one."""
 import json
-from functools import partial
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
