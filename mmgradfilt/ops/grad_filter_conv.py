@@ -164,6 +164,22 @@ def broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair,
     return out
 
 
+def _batch_summed_products(g: Tensor, x: Tensor) -> Tensor:
+    """``sum_n g[n] @ x[n]^T`` for ``(n, groups, rows, k)`` operands.
+
+    On CPU the products accumulate in place, one per sample: no (n, ...)
+    stack of partial products to write and add up. On a GPU, where each
+    launch costs more than that stack, it is one batched product and a sum.
+    """
+    if g.device.type == 'cpu':
+        x = x.transpose(2, 3)
+        out = torch.bmm(g[0], x[0])
+        for i in range(1, g.shape[0]):
+            out.baddbmm_(g[i], x[i])
+        return out
+    return torch.matmul(g, x.transpose(2, 3)).sum(0)
+
+
 class GridConv:
     """The convolution that the filtered backward computes on the patch grid."""
 
@@ -215,13 +231,8 @@ class GridConv:
             if need_x:
                 gx = torch.matmul(w.transpose(1, 2), g).reshape(n, -1, hp, wp)
             if need_w:
-                # sum over the batch by accumulating products: no (n, ...)
-                # stack of partial weight gradients to write and add up
-                x = x_grid.reshape(n, groups, -1, hp * wp).transpose(2, 3)
-                gw = torch.bmm(g[0], x[0])
-                for i in range(1, n):
-                    gw.baddbmm_(g[i], x[i])
-                gw = gw.reshape(c_out, -1, 1, 1)
+                x = x_grid.reshape(n, groups, -1, hp * wp)
+                gw = _batch_summed_products(g, x).reshape(c_out, -1, 1, 1)
         else:
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, x_grid, kernel, None, (1, 1), self.padding,
