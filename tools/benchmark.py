@@ -24,6 +24,7 @@ from mmgradfilt.benchmark.report import (plot_layers, plot_step, step_tables,
 from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
                                        measure_step, synthetic_batch,
                                        time_steps)
+from mmgradfilt.benchmark.timing import paired_ratio
 from mmgradfilt.cli import add_cfg_options
 from mmgradfilt.surgery import format_table
 
@@ -95,7 +96,7 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
         return sum(layer[key] for layer in r['layers'].values())
 
     result['ratios'] = dict(
-        {p: van[p]['median'] / fil[p]['median'] for p in (*PHASES, 'step')},
+        {p: paired_ratio(van[p], fil[p]) for p in (*PHASES, 'step')},
         saved=van['saved_bytes'] / fil['saved_bytes'],
         peak=van['peak_bytes'] / fil['peak_bytes'],
         layer_saved=layer_sum(van, 'saved_bytes') /
@@ -107,7 +108,9 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
     print(f'{osp.basename(args.config)}: batch {args.batch_size}, '
           f'{size[0]}x{size[1]}, {args.device} ({result["env"]["device_name"]}'
           f', {result["env"]["threads"]} threads), medians [quartiles] of '
-          f'{args.iters} steps after {args.warmup} warm-up; peak: {peak_kind}')
+          f'{args.iters} steps after {args.warmup} warm-up, taken in turn '
+          '(time ratios: medians of the steps\' ratios); peak: '
+          f'{peak_kind}')
     print(step_tables(result))
     write_json(osp.join(out_dir, 'benchmark.json'), result)
     write_csv(osp.join(out_dir, 'benchmark.csv'),
@@ -133,7 +136,8 @@ def run_layers(args, device: torch.device, out_dir: str) -> None:
     env = environment(args)
     print(f'layer suite: batch {args.batch_size}, {args.dtype}, {args.device} '
           f'({env["device_name"]}, {env["threads"]} threads), medians of '
-          f'{args.iters} runs after {args.warmup} warm-up')
+          f'{args.iters} runs after {args.warmup} warm-up, taken in turn; '
+          'ratios: medians of the runs\' ratios')
     headers, rows = layer_table(results)
     print(format_table(headers, rows))
     write_json(osp.join(out_dir, 'layers.json'), dict(env=env, results=results))

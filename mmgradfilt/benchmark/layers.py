@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..layers import GradFilterConv2d
 from .flops import conv_backward_flops
-from .timing import cuda_kernel_seconds, summarize, timed
+from .timing import cuda_kernel_seconds, paired_ratio, summarize, timed
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,9 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
                 partial(forward_backward, layer), partial(forward, layer)))
             result[key]['backward_kernel_ms'] = step_ms - forward_ms
             result[key]['forward_kernel_ms'] = forward_ms
-    result['backward_speedup'] = (result['vanilla']['backward']['median'] /
-                                  result['filtered']['backward']['median'])
-    result['forward_ratio'] = (result['filtered']['forward']['median'] /
-                               result['vanilla']['forward']['median'])
+    van, fil = result['vanilla'], result['filtered']
+    result['backward_speedup'] = paired_ratio(van['backward'], fil['backward'])
+    result['forward_ratio'] = paired_ratio(fil['forward'], van['forward'])
     return result
 
 

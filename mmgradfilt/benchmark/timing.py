@@ -21,13 +21,29 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def summarize(samples: List[float]) -> Dict[str, float]:
-    """Median, quartiles, min and max of a list of timings (seconds -> ms)."""
-    ms = sorted(s * 1e3 for s in samples)
+def summarize(samples: List[float]) -> Dict:
+    """Median, quartiles, min and max of a list of timings (seconds -> ms),
+    and the timings themselves in the order taken."""
+    taken = [s * 1e3 for s in samples]
+    ms = sorted(taken)
     quartiles = (statistics.quantiles(ms, n=4) if len(ms) > 1 else
                  [ms[0]] * 3)
     return dict(median=statistics.median(ms), q1=quartiles[0],
-                q3=quartiles[2], min=ms[0], max=ms[-1], n=len(ms))
+                q3=quartiles[2], min=ms[0], max=ms[-1], n=len(ms),
+                samples=taken)
+
+
+def paired_ratio(numerator: Dict, denominator: Dict) -> float:
+    """Median over runs of ``numerator / denominator`` timings taken in turn.
+
+    Both summaries' samples must come from alternating runs: each pair then
+    shares the machine's state, and a slow spell of a shared machine, which
+    shifts a ratio of medians, cancels out.
+    """
+    pairs = list(zip(numerator['samples'], denominator['samples']))
+    if len(pairs) != numerator['n'] or len(pairs) != denominator['n']:
+        raise ValueError('paired_ratio needs timings of the same runs')
+    return statistics.median(a / b for a, b in pairs)
 
 
 def cuda_kernel_seconds(fn: Callable[[], object], iters: int) -> float:

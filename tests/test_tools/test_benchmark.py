@@ -1,11 +1,14 @@
 """tools/benchmark.py end to end on tiny inputs (CPU)."""
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +69,9 @@ def test_config_mode(tmp_path, text, size, layers):
             van['layers'][path]['backward_flops']
     for key in ('forward', 'backward', 'optimizer', 'step'):
         assert fil[key]['n'] == 2 and fil[key]['median'] > 0
+        # time ratios come from the steps taken in turn
+        assert result['ratios'][key] == pytest.approx(statistics.median(
+            v / f for v, f in zip(van[key]['samples'], fil[key]['samples'])))
     assert van['peak_bytes'] > 0 and fil['peak_bytes'] > 0
     assert result['ratios']['layer_flops'] > 1
     rows = list(csv.reader((out / 'benchmark.csv').open()))
@@ -89,6 +95,10 @@ def test_layer_mode(tmp_path):
     assert [(r['name'], r['radius']) for r in results] == [
         ('dense', 2), ('dense', 4), ('depthwise', 2), ('depthwise', 4)]
     dense_r4 = results[1]
+    van, fil = dense_r4['vanilla'], dense_r4['filtered']
+    assert dense_r4['backward_speedup'] == pytest.approx(statistics.median(
+        v / f for v, f in zip(van['backward']['samples'],
+                              fil['backward']['samples'])))
     # 3x3 taps summed and 4x4 patches: 16 * 9 times fewer products
     assert dense_r4['vanilla']['backward_flops'] > \
         100 * (dense_r4['filtered']['backward_flops'] - 2 * 8 * 16 * 16)
@@ -104,3 +114,16 @@ def test_config_without_hook_is_refused(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert 'must have exactly one GradientFilterHook' in proc.stderr
+
+
+def test_paired_ratio_cancels_a_slow_spell():
+    # filtered runs take half the time of the vanilla run before them; the
+    # machine slows down 3x between the 4th vanilla and filtered runs
+    vanilla = [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0]
+    filtered = [0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5]
+    van, fil = summarize(vanilla), summarize(filtered)
+    assert van['median'] / fil['median'] == pytest.approx(2 / 3)
+    assert paired_ratio(van, fil) == pytest.approx(2.0)
+    assert paired_ratio(fil, van) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match='same runs'):
+        paired_ratio(van, summarize(filtered[:4]))
