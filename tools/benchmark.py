@@ -19,8 +19,8 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
                                          load_layer_suite)
-from mmgradfilt.benchmark.report import (plot_layers, plot_step, step_tables,
-                                         write_csv, write_json)
+from mmgradfilt.benchmark.report import (layer_sum, plot_layers, plot_step,
+                                         step_tables, write_csv, write_json)
 from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
                                        measure_step, synthetic_batch,
                                        time_steps)
@@ -61,6 +61,8 @@ def parse_args():
         parser.error('--device cuda: no CUDA device is available')
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error('--iters and --batch-size must be >= 1, --warmup >= 0')
+    if min(args.radius) < 1:
+        parser.error('--radius values must be >= 1')
     return args
 
 
@@ -91,10 +93,6 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
         result[key] = dict(timings[key],
                            **measure_step(step, paths, device, args.iters))
     van, fil = result['vanilla'], result['filtered']
-
-    def layer_sum(r, key):
-        return sum(layer[key] for layer in r['layers'].values())
-
     result['ratios'] = dict(
         {p: paired_ratio(van[p], fil[p]) for p in (*PHASES, 'step')},
         saved=van['saved_bytes'] / fil['saved_bytes'],
@@ -123,24 +121,32 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
 
 
 def run_layers(args, device: torch.device, out_dir: str) -> None:
-    shapes = load_layer_suite(None if args.layers == 'builtin' else args.layers)
+    try:
+        shapes = load_layer_suite(
+            None if args.layers == 'builtin' else args.layers)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'--layers: {e}') from None
     dtype = getattr(torch, args.dtype)
+    env = environment(args)
+    json_path = osp.join(out_dir, 'layers.json')
     bar = ProgressBar(len(shapes) * len(args.radius))
     results = []
     for shape in shapes:
         for radius in args.radius:
             results.append(bench_layer(shape, radius, args.batch_size, device,
                                        dtype, args.iters, args.warmup))
+            # on disk as measured: a crash or Ctrl-C loses one layer at most
+            write_json(json_path, dict(env=env, results=results,
+                                       complete=False))
             bar.update()
     print()
-    env = environment(args)
     print(f'layer suite: batch {args.batch_size}, {args.dtype}, {args.device} '
           f'({env["device_name"]}, {env["threads"]} threads), medians of '
           f'{args.iters} runs after {args.warmup} warm-up, taken in turn; '
           'ratios: medians of the runs\' ratios')
     headers, rows = layer_table(results)
     print(format_table(headers, rows))
-    write_json(osp.join(out_dir, 'layers.json'), dict(env=env, results=results))
+    write_json(json_path, dict(env=env, results=results, complete=True))
     write_csv(osp.join(out_dir, 'layers.csv'), headers, rows)
     plot_layers(osp.join(out_dir, 'layers.png'), results,
                 f'filtered conv backward vs PyTorch ({args.device}, '

@@ -1,6 +1,6 @@
 """Single-layer latency suite: PyTorch's conv backward vs the filtered one."""
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +24,17 @@ class ConvShape:
     dilation: int = 1
     groups: int = 1
 
+    def __post_init__(self) -> None:
+        for field in fields(self)[1:]:
+            value = getattr(self, field.name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f'{field.name} must be a positive integer, '
+                                 f'got {value!r}')
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f'groups ({self.groups}) must divide in_channels '
+                             f'({self.in_channels}) and out_channels '
+                             f'({self.out_channels})')
+
     def build(self) -> nn.Conv2d:
         padding = self.dilation * (self.kernel_size - 1) // 2
         return nn.Conv2d(self.in_channels, self.out_channels,
@@ -46,11 +57,27 @@ LAYER_SUITE = [
 
 
 def load_layer_suite(path: Optional[str]) -> List[ConvShape]:
-    """The built-in suite, or a JSON list of :class:`ConvShape` fields."""
+    """The built-in suite, or a JSON list of :class:`ConvShape` fields.
+
+    Raises:
+        ValueError: where the file is not such a list, naming the first entry
+            that is not a valid layer and why.
+    """
     if path is None:
         return list(LAYER_SUITE)
     with open(path) as f:
-        return [ConvShape(**item) for item in json.load(f)]
+        items = json.load(f)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f'{path}: expected a non-empty JSON list of layers')
+    shapes = []
+    for i, item in enumerate(items):
+        try:
+            shapes.append(ConvShape(**item))
+        except (TypeError, ValueError) as e:
+            names = ', '.join(f.name for f in fields(ConvShape))
+            raise ValueError(f'{path}, layer {i} {item!r}: {e} (fields: '
+                             f'{names})') from None
+    return shapes
 
 
 def bench_layer(shape: ConvShape, radius: int, batch_size: int,

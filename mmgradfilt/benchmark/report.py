@@ -1,6 +1,7 @@
 """Benchmark output: terminal tables, JSON, CSV and a PNG chart."""
 import csv
 import json
+import os
 from typing import Dict, List, Sequence
 
 from ..surgery import format_table
@@ -12,6 +13,11 @@ def _ms(stats: Dict) -> str:
     return f"{stats['median']:.1f} [{stats['q1']:.1f}-{stats['q3']:.1f}]"
 
 
+def layer_sum(result: Dict, key: str) -> float:
+    """Sum of ``key`` over the filtered layers of one model's result."""
+    return sum(layer[key] for layer in result['layers'].values())
+
+
 def step_tables(result: Dict) -> str:
     """The step summary and the per-layer table of a config benchmark."""
     rows = []
@@ -20,9 +26,9 @@ def step_tables(result: Dict) -> str:
         rows.append([
             key, _ms(r['forward']), _ms(r['backward']), _ms(r['optimizer']),
             _ms(r['step']),
-            f"{sum(l['saved_bytes'] for l in r['layers'].values()) / MB:.2f}",
+            f"{layer_sum(r, 'saved_bytes') / MB:.2f}",
             f"{r['saved_bytes'] / MB:.1f}", f"{r['peak_bytes'] / MB:.1f}",
-            f"{sum(l['backward_flops'] for l in r['layers'].values()) / 1e9:.3f}"
+            f"{layer_sum(r, 'backward_flops') / 1e9:.3f}"
         ])
     ratio = result['ratios']
     rows.append(['vanilla/filtered', f"{ratio['forward']:.2f}x",
@@ -52,8 +58,10 @@ def step_tables(result: Dict) -> str:
 
 
 def write_json(path: str, data) -> None:
-    with open(path, 'w') as f:
+    """Write ``data`` whole or not at all: a crash mid-write keeps the old file."""
+    with open(path + '.tmp', 'w') as f:
         json.dump(data, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def write_csv(path: str, headers: Sequence[str],

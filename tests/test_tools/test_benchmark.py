@@ -1,5 +1,6 @@
 """tools/benchmark.py end to end on tiny inputs (CPU)."""
 import csv
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mmgradfilt.benchmark.layers import ConvShape, load_layer_suite
 from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +93,9 @@ def test_layer_mode(tmp_path):
     stdout = run_tool('--layers', str(shapes), '--radius', '2', '4',
                       '--iters', '2', '--warmup', '1', '--out', str(out))
     assert 'bwd speedup' in stdout
-    results = json.loads((out / 'layers.json').read_text())['results']
+    saved = json.loads((out / 'layers.json').read_text())
+    assert saved['complete'] is True
+    results = saved['results']
     assert [(r['name'], r['radius']) for r in results] == [
         ('dense', 2), ('dense', 4), ('depthwise', 2), ('depthwise', 4)]
     dense_r4 = results[1]
@@ -127,3 +131,67 @@ def test_paired_ratio_cancels_a_slow_spell():
     assert paired_ratio(fil, van) == pytest.approx(0.5)
     with pytest.raises(ValueError, match='same runs'):
         paired_ratio(van, summarize(filtered[:4]))
+
+
+@pytest.mark.parametrize('entry,message', [
+    (dict(name='a', in_channels=8, out_channels=8, kernel=3, size=16),
+     "unexpected keyword argument 'kernel'"),
+    (dict(name='a', in_channels=8, out_channels=8, kernel_size=3),
+     "missing 1 required positional argument: 'size'"),
+    (dict(name='a', in_channels=0, out_channels=8, kernel_size=3, size=16),
+     'in_channels must be a positive integer, got 0'),
+    (dict(name='a', in_channels=8, out_channels=8, kernel_size=3, size=16,
+          stride=1.5), 'stride must be a positive integer, got 1.5'),
+    (dict(name='a', in_channels=8, out_channels=6, kernel_size=3, size=16,
+          groups=4), 'groups (4) must divide in_channels (8) and '
+     'out_channels (6)'),
+])
+def test_layer_file_errors_name_the_layer(tmp_path, entry, message):
+    good = dict(name='ok', in_channels=4, out_channels=4, kernel_size=1, size=8)
+    path = tmp_path / 'shapes.json'
+    path.write_text(json.dumps([good, entry]))
+    with pytest.raises(ValueError) as info:
+        load_layer_suite(str(path))
+    assert f'{path}, layer 1 ' in str(info.value)
+    assert message in str(info.value)
+    assert load_layer_suite(None)[0] == ConvShape('dense3x3 640-128 @64', 640,
+                                                  128, 3, 64)
+
+
+def test_bad_layer_file_stops_before_measuring(tmp_path):
+    path = tmp_path / 'shapes.json'
+    path.write_text(json.dumps({'name': 'not a list'}))
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--layers',
+         str(path), '--out', str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert 'expected a non-empty JSON list of layers' in proc.stderr
+    assert not (out / 'layers.json').exists()
+
+
+def test_layer_results_survive_a_crash(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool', ROOT / 'tools' / 'benchmark.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    measured = []
+
+    def bench_layer(shape, radius, *args):
+        if measured:  # the second layer: out of memory, Ctrl-C, ...
+            raise KeyboardInterrupt
+        measured.append(dict(name=shape.name, radius=radius))
+        return measured[-1]
+
+    monkeypatch.setattr(tool, 'bench_layer', bench_layer)
+    out = tmp_path / 'out'
+    out.mkdir()
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', '--layers', '--radius',
+                                      '2', '4', '--out', str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        tool.main()
+    saved = json.loads((out / 'layers.json').read_text())
+    assert saved['complete'] is False
+    assert saved['results'] == [dict(name='dense3x3 640-128 @64', radius=2)]
+    assert not (out / 'layers.json.tmp').exists()
