@@ -57,6 +57,8 @@ def parse_args():
     args = parser.parse_args()
     if (args.config is None) == (args.layers is None):
         parser.error('give either a CONFIG or --layers')
+    if args.config is not None and not osp.isfile(args.config):
+        parser.error(f'config file {args.config} not found')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:

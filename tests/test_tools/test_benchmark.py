@@ -109,6 +109,15 @@ def test_layer_mode(tmp_path):
     check_png(out / 'layers.png')
 
 
+def test_missing_config_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'benchmark.py'),
+         str(tmp_path / 'nope.py')],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert f'config file {tmp_path / "nope.py"} not found' in proc.stderr
+
+
 def test_config_without_hook_is_refused(tmp_path):
     config = tmp_path / 'cfg.py'
     config.write_text(
