@@ -25,7 +25,9 @@ class ConvShape:
     groups: int = 1
 
     def __post_init__(self) -> None:
-        for field in fields(self)[1:]:
+        for field in fields(self):
+            if field.name == 'name':
+                continue
             value = getattr(self, field.name)
             if type(value) is not int or value < 1:
                 raise ValueError(f'{field.name} must be a positive integer, '
