@@ -82,33 +82,36 @@ def fused_kernels(x: Tensor):
     return None
 
 
+def _reduce_blocks(x: Tensor, block: IntPair, mean: bool,
+                   dtype: torch.dtype) -> Tensor:
+    """Sums (or means) of ``x`` over ``block`` tiles, partial last tiles
+    included (means over their pixels), accumulated in :func:`grid_dtype`
+    and returned in ``dtype``."""
+    fused = fused_kernels(x)
+    if fused is not None:
+        return fused.block_reduce(x, block, mean=mean, dtype=dtype)
+    acc = grid_dtype(x.dtype)
+    scale = 1 / (block[0] * block[1]) if mean else 1.0
+    out = _block_sums(x, block, acc, scale)
+    if out is None:
+        out = F.avg_pool2d(x.to(acc), _window(x, block), block,
+                           ceil_mode=True,
+                           divisor_override=None if mean else 1)
+    return out.to(dtype)
+
+
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
     """Mean of ``x`` over ``block`` tiles; partial last tiles average their pixels.
 
     Accumulates in :func:`grid_dtype`, returns ``x``'s dtype.
     """
-    fused = fused_kernels(x)
-    if fused is not None:
-        return fused.block_reduce(x, block, mean=True, dtype=x.dtype)
-    means = _block_sums(x, block, grid_dtype(x.dtype),
-                        1 / (block[0] * block[1]))
-    if means is not None:
-        return means.to(x.dtype)
-    return F.avg_pool2d(x, _window(x, block), block, ceil_mode=True)
+    return _reduce_blocks(x, block, mean=True, dtype=x.dtype)
 
 
 def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
     """Sum of ``x`` over ``patch`` tiles (partial last tiles included), in
     :func:`grid_dtype`."""
-    dtype = grid_dtype(x.dtype)
-    fused = fused_kernels(x)
-    if fused is not None:
-        return fused.block_reduce(x, patch, mean=False, dtype=dtype)
-    sums = _block_sums(x, patch, dtype, 1.0)
-    if sums is not None:
-        return sums
-    return F.avg_pool2d(x.to(dtype), _window(x, patch), patch, ceil_mode=True,
-                        divisor_override=1)
+    return _reduce_blocks(x, patch, mean=False, dtype=grid_dtype(x.dtype))
 
 
 def _fit(x: Tensor, size: IntPair) -> Tensor:
