@@ -64,7 +64,8 @@ class GradFilterConv2d(nn.Conv2d):
                          padding, dilation, groups, bias, padding_mode, device,
                          dtype)
         self.radius = check_radius(radius)
-        self._padding_pair = self._numeric_padding()
+        # numeric padding, the form the op takes
+        self.padding_pair = self._numeric_padding()
         self._warned_small = False
 
     def _numeric_padding(self) -> Tuple[int, int]:
@@ -98,7 +99,7 @@ class GradFilterConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = grad_filter_conv2d(x, self.weight, self.bias, self.stride,
-                                 self._padding_pair, self.dilation,
+                                 self.padding_pair, self.dilation,
                                  self.groups, self.radius)
         if out.requires_grad and not self._warned_small:
             self._check_patch(tuple(out.shape[-2:]))

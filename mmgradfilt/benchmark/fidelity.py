@@ -1,0 +1,153 @@
+"""Gradient fidelity: the filtered gradients of a model's convs against exact ones.
+
+In training passes over real batches, the input and output gradient of every
+gradient-filtered conv are recorded; the filtered input and weight gradients
+of that input and output gradient (what training uses) are then compared with
+the exact ones of the same input and output gradient: cosine similarity and
+relative error. For convs whose taps fall in different patches (dilation of a
+block or more, as in ASPP), the weight gradient that the paper shares between
+all taps of a filter is compared too.
+"""
+import functools
+import statistics
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import GradFilterConv2d
+from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
+
+METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
+           'shared_weight_cos')
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine similarity of two tensors as flat vectors, in float64."""
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(),
+                               0).item()
+
+
+def relative_error(approx: Tensor, exact: Tensor) -> float:
+    """``|approx - exact| / |exact|`` (Frobenius norms), in float64."""
+    exact = exact.double()
+    return ((approx.double() - exact).norm() / exact.norm()).item()
+
+
+def _filtered_grads(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
+                    padding: Tuple[int, int], dilation: Tuple[int, int]
+                    ) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(dx, dW)`` of the filtered op with the layer's weight at the given
+    geometry, or None where that geometry gives another output size."""
+    x = x.detach().requires_grad_()
+    weight = layer.weight.detach().requires_grad_()
+    out = grad_filter_conv2d(x, weight, None, layer.stride, padding, dilation,
+                             layer.groups, layer.radius)
+    if out.shape != grad_out.shape:
+        return None
+    return torch.autograd.grad(out, (x, weight), grad_out)
+
+
+def layer_fidelity(layer: GradFilterConv2d, x: Tensor,
+                   grad_out: Tensor) -> Dict[str, Optional[float]]:
+    """Filtered vs exact gradients of ``layer`` for input ``x`` and output
+    gradient ``grad_out``.
+
+    ``shared_weight_cos`` is the cosine of the paper's weight gradient (one
+    value for all taps of a filter) where the layer's taps fall in different
+    patches, else None: there the filtered one is that gradient already.
+    """
+    exact_x, exact_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, layer.weight.detach(), None, layer.stride,
+        layer.padding_pair, layer.dilation, False, (0, 0), layer.groups,
+        (True, True, False))
+    dx, dw = _filtered_grads(layer, x, grad_out, layer.padding_pair,
+                             layer.dilation)
+    result = dict(weight_cos=cosine(dw, exact_w),
+                  weight_rel_error=relative_error(dw, exact_w),
+                  input_cos=cosine(dx, exact_x),
+                  input_rel_error=relative_error(dx, exact_x),
+                  shared_weight_cos=None)
+    grid = grid_conv(tuple(layer.kernel_size), layer.stride, layer.padding_pair,
+                     layer.dilation, layer.radius)
+    if any(grid.dilation):
+        # the same conv undilated: its grid kernel is the summed one
+        same = tuple((k - 1) // 2 for k in layer.kernel_size)
+        shared = _filtered_grads(layer, x, grad_out, same, (1, 1))
+        if shared is not None:
+            result['shared_weight_cos'] = cosine(shared[1], exact_w)
+    return result
+
+
+class GradientRecorder:
+    """Records, in training passes, the input and output gradient of every
+    :class:`GradFilterConv2d` of ``model`` (the last pass's, by layer name)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, GradFilterConv2d)}
+        self.records: Dict[str, Dict] = {}
+        self._handles: List = []
+
+    def _record(self, name: str, module: nn.Module, inputs: tuple,
+                output: Tensor) -> None:
+        if not output.requires_grad:
+            return
+        entry = self.records[name] = dict(
+            input=inputs[0].detach(), input_grad=inputs[0].requires_grad)
+        output.register_hook(
+            lambda grad: entry.__setitem__('grad_out', grad.detach()))
+
+    def __enter__(self) -> 'GradientRecorder':
+        self._handles = [
+            layer.register_forward_hook(functools.partial(self._record, name))
+            for name, layer in self.layers.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
+                     progress: Callable[[], None] = lambda: None
+                     ) -> Dict[str, Dict]:
+    """Per filtered layer: its geometry and the means over ``batches`` (data
+    loader batches of an OpenMMLab model) of :func:`layer_fidelity`.
+
+    The input-gradient figures are None for a layer whose input needs no
+    gradient (nothing upstream trains).
+    """
+    samples = defaultdict(list)
+    with GradientRecorder(model) as recorder:
+        for batch in batches:
+            recorder.records.clear()
+            data = model.data_preprocessor(batch, True)
+            loss, _ = model.parse_losses(model(**data, mode='loss'))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            for name, rec in recorder.records.items():
+                result = layer_fidelity(recorder.layers[name], rec['input'],
+                                        rec['grad_out'])
+                if not rec['input_grad']:
+                    result['input_cos'] = result['input_rel_error'] = None
+                samples[name].append(result)
+            progress()
+    summary = {}
+    for name, results in samples.items():
+        layer = recorder.layers[name]
+        summary[name] = dict(
+            kernel_size=tuple(layer.kernel_size), stride=layer.stride,
+            dilation=layer.dilation, radius=layer.radius, batches=len(results),
+            **{key: _mean([r[key] for r in results]) for key in METRICS})
+    return summary

@@ -1,0 +1,156 @@
+"""Gradient fidelity: ``mmgradfilt.benchmark.fidelity`` and
+tools/grad_fidelity.py on the demo config."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmgradfilt.benchmark.fidelity import (GradientRecorder, cosine,
+                                           layer_fidelity, relative_error)
+from mmgradfilt.layers import GradFilterConv2d
+
+ROOT = Path(__file__).resolve().parents[2]
+FILT = (ROOT / 'configs' / 'demo_seg' /
+        'deeplabv3_r18-tiny-d8_filt5L_1xb8-300_digits-shift-64x64.py')
+
+
+def smooth_field(*shape: int, width: int = 9) -> torch.Tensor:
+    """Noise averaged over ``width``-pixel windows (wrapping round): a
+    feature-map-like field, correlated over a few pixels."""
+    noise = torch.randn(*shape, dtype=torch.float64)
+    pad = (width // 2, ) * 4
+    return F.avg_pool2d(F.pad(noise, pad, mode='circular'), width, 1)
+
+
+def filtered_conv(dilation: int, radius: int) -> GradFilterConv2d:
+    conv = nn.Conv2d(8, 6, 3, padding=dilation, dilation=dilation,
+                     bias=False).double()
+    return GradFilterConv2d.from_conv(conv, radius)
+
+
+def test_cosine_and_relative_error():
+    a = torch.tensor([3.0, 4.0])
+    assert cosine(a, 2 * a) == pytest.approx(1)
+    assert cosine(a, torch.tensor([-4.0, 3.0])) == pytest.approx(0)
+    assert relative_error(torch.tensor([3.0, 5.0]), a) == pytest.approx(0.2)
+
+
+def test_exact_where_the_filter_loses_nothing():
+    # dilation a multiple of the patch and an output gradient constant on
+    # patches: the grid computation is exact (DESIGN: dilated convs)
+    torch.manual_seed(0)
+    layer = filtered_conv(dilation=8, radius=4)
+    x = torch.randn(2, 8, 32, 32, dtype=torch.float64)
+    patches = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    grad_out = patches.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    result = layer_fidelity(layer, x, grad_out)
+    assert result['weight_rel_error'] < 1e-10
+    assert result['weight_cos'] == pytest.approx(1, abs=1e-12)
+    # sharing one value between taps 8 pixels apart loses that
+    assert result['shared_weight_cos'] < 0.9
+
+
+@pytest.mark.parametrize('dilation,radius', [(8, 4), (12, 4), (8, 2)])
+def test_dilated_weight_grad_keeps_its_taps(dilation, radius):
+    # on fields correlated over a few pixels, the per-tap grid weight
+    # gradient stays close to the exact one; the paper's tap-shared one,
+    # whose taps lie further apart than that, is nearly orthogonal to it
+    torch.manual_seed(0)
+    layer = filtered_conv(dilation, radius)
+    x, grad_out = smooth_field(2, 8, 32, 32), smooth_field(2, 6, 32, 32)
+    result = layer_fidelity(layer, x, grad_out)
+    assert result['weight_cos'] > 0.95
+    assert result['shared_weight_cos'] < 0.5
+    assert 0 < result['input_cos'] < 1
+
+
+def test_undilated_conv_has_no_shared_variant():
+    torch.manual_seed(0)
+    layer = filtered_conv(dilation=1, radius=4)
+    result = layer_fidelity(layer, smooth_field(2, 8, 32, 32),
+                            smooth_field(2, 6, 32, 32))
+    assert result['shared_weight_cos'] is None
+    assert 0.5 < result['weight_cos'] < 1
+
+
+def test_recorder_keeps_input_and_output_grad_of_trained_layers():
+    torch.manual_seed(0)
+    trained = GradFilterConv2d(3, 4, 3, padding=1, radius=2)
+    frozen = GradFilterConv2d(4, 4, 3, padding=1, radius=2)
+    frozen.requires_grad_(False)
+    # the frozen layer comes last: its input needs a gradient, so it is
+    # recorded too; a frozen first layer's output needs none
+    first_frozen = GradFilterConv2d(3, 3, 1, radius=2).requires_grad_(False)
+    model = nn.Sequential(first_frozen, trained, frozen)
+    x = torch.randn(1, 3, 8, 8)
+    with GradientRecorder(model) as recorder:
+        out = model(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    assert set(recorder.records) == {'1', '2'}
+    assert torch.equal(recorder.records['2']['grad_out'], grad)
+    assert recorder.records['1']['input_grad'] is False
+    assert recorder.records['2']['input_grad'] is True
+    # hooks are gone after the block
+    model(x).sum().backward()
+    assert all(not layer._forward_hooks for layer in model)
+
+
+def run_tool(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'grad_fidelity.py'), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_tool_on_demo_config(tmp_path):
+    pytest.importorskip('mmseg')
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    from mmgradfilt.datasets import make_digits_seg
+    data_root = tmp_path / 'digits_seg'
+    make_digits_seg(str(data_root), splits=dict(shift_train=('target', 4)))
+    init_default_scope('mmseg')
+    model = MODELS.build(Config.fromfile(str(FILT)).model)
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    out = tmp_path / 'out'
+    options = ['--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
+               'train_dataloader.batch_size=2']
+    proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
+                    '2', '--out', str(out), *options)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'dW cos (taps shared)' in proc.stdout
+    saved = json.loads((out / 'fidelity.json').read_text())
+    layers = saved['layers']
+    assert set(layers) == {
+        'decode_head.bottleneck.conv',
+        *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))}
+    for name, layer in layers.items():
+        assert layer['batches'] == 2
+        assert -1 <= layer['weight_cos'] <= 1
+        # only the dilated ASPP convs have taps in different patches
+        dilated = layer['dilation'][0] >= layer['radius'][0]
+        assert (layer['shared_weight_cos'] is not None) == dilated, name
+    # the frozen backbone feeds the ASPP: no input gradient to compare
+    assert layers['decode_head.aspp_modules.1.conv']['input_cos'] is None
+    assert layers['decode_head.bottleneck.conv']['input_cos'] is not None
+    assert (out / 'fidelity.csv').read_text().count('\n') == 6
+
+    missing = tmp_path / 'nope.pth'
+    proc = run_tool(str(FILT), '--checkpoint', str(missing), *options)
+    assert proc.returncode != 0
+    assert f'checkpoint {missing} not found' in proc.stderr
+    assert 'checkpoints/README.md' in proc.stderr
+
+    no_data = tmp_path / 'no_data'
+    proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--cfg-options',
+                    f'train_dataloader.dataset.data_root={no_data}')
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines()[-1].startswith('training data: ')
+    assert 'tools/dataset_converters/digits_seg.py' in proc.stderr

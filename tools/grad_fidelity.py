@@ -1,0 +1,116 @@
+"""How close the filtered gradients of a config's layers are to exact ones.
+
+Runs training passes of the config's model (its checkpoint, freezing and
+gradient filters, as in training) over batches of its training data and
+reports, per filtered conv, the cosine similarity and relative error of the
+filtered weight and input gradients against the exact gradients of the same
+input and output gradient.
+"""
+import argparse
+import copy
+import itertools
+import os.path as osp
+
+import torch
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner.utils import set_random_seed
+from mmengine.utils import ProgressBar, mkdir_or_exist
+
+from mmgradfilt.benchmark.fidelity import METRICS, measure_fidelity
+from mmgradfilt.benchmark.report import write_csv, write_json
+from mmgradfilt.benchmark.step import gradient_filter_hook
+from mmgradfilt.cli import add_cfg_options
+from mmgradfilt.surgery import format_table
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description='Filtered vs exact gradients of a config\'s layers')
+    parser.add_argument('config', help='config file with a GradientFilterHook')
+    parser.add_argument('--checkpoint', help='weights to load; defaults to '
+                        'the config\'s load_from')
+    parser.add_argument('--batches', type=int, default=8,
+                        help='training batches to average over')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the data order and augmentation')
+    parser.add_argument('--out', help='output folder for JSON and CSV; '
+                        'defaults to work_dirs/grad_fidelity/<config>')
+    add_cfg_options(parser)
+    args = parser.parse_args()
+    if not osp.isfile(args.config):
+        parser.error(f'config file {args.config} not found')
+    if args.batches < 1:
+        parser.error('--batches must be >= 1')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    return args
+
+
+def build_model(cfg: Config, checkpoint: str, device: torch.device):
+    """The config's model with ``checkpoint`` loaded, then its gradient
+    filters and freezing applied, in training mode."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pop('pretrained', None)
+    model = revert_sync_batchnorm(MODELS.build(model_cfg))
+    load_checkpoint(model, checkpoint, map_location='cpu', logger='current')
+    gradient_filter_hook(cfg).apply(model)
+    return model.to(device).train()
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    checkpoint = args.checkpoint or cfg.get('load_from')
+    if not checkpoint:
+        raise SystemExit(f'{args.config} has no load_from: give --checkpoint '
+                         '(gradients of untrained weights say little)')
+    if not osp.isfile(checkpoint):
+        raise SystemExit(f'checkpoint {checkpoint} not found; '
+                         'checkpoints/README.md says how to get each one')
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    set_random_seed(args.seed)
+    device = torch.device(args.device)
+    try:
+        model = build_model(cfg, checkpoint, device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        loader = Runner.build_dataloader(cfg.train_dataloader, seed=args.seed)
+    except FileNotFoundError as e:
+        raise SystemExit(f'training data: {e}') from None
+    batches = itertools.islice(iter(loader), args.batches)
+    bar = ProgressBar(args.batches)
+    summary = measure_fidelity(model, batches, bar.update)
+    print()
+
+    def fmt(value):
+        return '-' if value is None else f'{value:.3f}'
+
+    headers = ['filtered layer', 'kernel', 'dilation', 'radius',
+               'dW cos', 'dW rel err', 'dx cos', 'dx rel err',
+               'dW cos (taps shared)']
+    rows = [[name, 'x'.join(map(str, s['kernel_size'])), s['dilation'][0],
+             s['radius'][0], *(fmt(s[m]) for m in METRICS)]
+            for name, s in summary.items()]
+    print(f'{osp.basename(args.config)}, {checkpoint}: filtered vs exact '
+          f'gradients of the same input and output gradient, means over '
+          f'{args.batches} training batches')
+    print(format_table(headers, rows))
+    name = osp.splitext(osp.basename(args.config))[0]
+    out_dir = args.out or osp.join('work_dirs', 'grad_fidelity', name)
+    mkdir_or_exist(out_dir)
+    write_json(osp.join(out_dir, 'fidelity.json'),
+               dict(config=args.config, checkpoint=checkpoint,
+                    batches=args.batches, seed=args.seed, layers=summary))
+    write_csv(osp.join(out_dir, 'fidelity.csv'), headers, rows)
+    print(f'results written to {osp.abspath(out_dir)}')
+
+
+if __name__ == '__main__':
+    main()
