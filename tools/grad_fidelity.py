@@ -34,6 +34,9 @@ def parse_args():
                         'the config\'s load_from')
     parser.add_argument('--batches', type=int, default=8,
                         help='training batches to average over')
+    parser.add_argument('--radius', type=int, nargs='+',
+                        help='radii to compare on the same recorded '
+                        'gradients (default: each layer\'s own)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the data order and augmentation')
@@ -45,6 +48,8 @@ def parse_args():
         parser.error(f'config file {args.config} not found')
     if args.batches < 1:
         parser.error('--batches must be >= 1')
+    if args.radius and min(args.radius) < 1:
+        parser.error('--radius values must be >= 1')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     return args
@@ -86,29 +91,34 @@ def main():
         raise SystemExit(f'training data: {e}') from None
     batches = itertools.islice(iter(loader), args.batches)
     bar = ProgressBar(args.batches)
-    summary = measure_fidelity(model, batches, bar.update)
+    rows = measure_fidelity(model, batches, args.radius, bar.update)
     print()
 
     def fmt(value):
         return '-' if value is None else f'{value:.3f}'
 
+    def pair(values):
+        return str(values[0]) if values[0] == values[1] else '{}x{}'.format(
+            *values)
+
     headers = ['filtered layer', 'kernel', 'dilation', 'radius',
                'dW cos', 'dW rel err', 'dx cos', 'dx rel err',
                'dW cos (taps shared)']
-    rows = [[name, 'x'.join(map(str, s['kernel_size'])), s['dilation'][0],
-             s['radius'][0], *(fmt(s[m]) for m in METRICS)]
-            for name, s in summary.items()]
+    table = [[r['layer'], 'x'.join(map(str, r['kernel_size'])),
+              pair(r['dilation']), pair(r['radius']),
+              *(fmt(r[m]) for m in METRICS)]
+             for r in rows]
     print(f'{osp.basename(args.config)}, {checkpoint}: filtered vs exact '
           f'gradients of the same input and output gradient, means over '
           f'{args.batches} training batches')
-    print(format_table(headers, rows))
+    print(format_table(headers, table))
     name = osp.splitext(osp.basename(args.config))[0]
     out_dir = args.out or osp.join('work_dirs', 'grad_fidelity', name)
     mkdir_or_exist(out_dir)
     write_json(osp.join(out_dir, 'fidelity.json'),
                dict(config=args.config, checkpoint=checkpoint,
-                    batches=args.batches, seed=args.seed, layers=summary))
-    write_csv(osp.join(out_dir, 'fidelity.csv'), headers, rows)
+                    batches=args.batches, seed=args.seed, layers=rows))
+    write_csv(osp.join(out_dir, 'fidelity.csv'), headers, table)
     print(f'results written to {osp.abspath(out_dir)}')
 
 

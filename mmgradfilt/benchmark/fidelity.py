@@ -11,7 +11,7 @@ all taps of a filter is compared too.
 import functools
 import statistics
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
 
 METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
            'shared_weight_cos')
+IntPair = Tuple[int, int]
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -38,23 +39,24 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 
 
 def _filtered_grads(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
-                    padding: Tuple[int, int], dilation: Tuple[int, int]
+                    padding: IntPair, dilation: IntPair, radius: IntPair
                     ) -> Optional[Tuple[Tensor, Tensor]]:
     """``(dx, dW)`` of the filtered op with the layer's weight at the given
     geometry, or None where that geometry gives another output size."""
     x = x.detach().requires_grad_()
     weight = layer.weight.detach().requires_grad_()
     out = grad_filter_conv2d(x, weight, None, layer.stride, padding, dilation,
-                             layer.groups, layer.radius)
+                             layer.groups, radius)
     if out.shape != grad_out.shape:
         return None
     return torch.autograd.grad(out, (x, weight), grad_out)
 
 
-def layer_fidelity(layer: GradFilterConv2d, x: Tensor,
-                   grad_out: Tensor) -> Dict[str, Optional[float]]:
-    """Filtered vs exact gradients of ``layer`` for input ``x`` and output
-    gradient ``grad_out``.
+def layer_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
+                   radius: Optional[IntPair] = None
+                   ) -> Dict[str, Optional[float]]:
+    """Filtered (with ``radius``, default the layer's) vs exact gradients of
+    ``layer`` for input ``x`` and output gradient ``grad_out``.
 
     ``shared_weight_cos`` is the cosine of the paper's weight gradient (one
     value for all taps of a filter) where the layer's taps fall in different
@@ -64,19 +66,20 @@ def layer_fidelity(layer: GradFilterConv2d, x: Tensor,
         grad_out, x, layer.weight.detach(), None, layer.stride,
         layer.padding_pair, layer.dilation, False, (0, 0), layer.groups,
         (True, True, False))
+    radius = radius or layer.radius
     dx, dw = _filtered_grads(layer, x, grad_out, layer.padding_pair,
-                             layer.dilation)
+                             layer.dilation, radius)
     result = dict(weight_cos=cosine(dw, exact_w),
                   weight_rel_error=relative_error(dw, exact_w),
                   input_cos=cosine(dx, exact_x),
                   input_rel_error=relative_error(dx, exact_x),
                   shared_weight_cos=None)
     grid = grid_conv(tuple(layer.kernel_size), layer.stride, layer.padding_pair,
-                     layer.dilation, layer.radius)
+                     layer.dilation, radius)
     if any(grid.dilation):
         # the same conv undilated: its grid kernel is the summed one
         same = tuple((k - 1) // 2 for k in layer.kernel_size)
-        shared = _filtered_grads(layer, x, grad_out, same, (1, 1))
+        shared = _filtered_grads(layer, x, grad_out, same, (1, 1), radius)
         if shared is not None:
             result['shared_weight_cos'] = cosine(shared[1], exact_w)
     return result
@@ -120,13 +123,16 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
 
 
 def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
+                     radii: Optional[Sequence[int]] = None,
                      progress: Callable[[], None] = lambda: None
-                     ) -> Dict[str, Dict]:
-    """Per filtered layer: its geometry and the means over ``batches`` (data
-    loader batches of an OpenMMLab model) of :func:`layer_fidelity`.
+                     ) -> List[Dict]:
+    """One row per filtered layer and radius: the layer's geometry and the
+    means over ``batches`` (data loader batches of an OpenMMLab model) of
+    :func:`layer_fidelity`.
 
-    The input-gradient figures are None for a layer whose input needs no
-    gradient (nothing upstream trains).
+    ``radii`` (default: each layer's own) are compared on the same recorded
+    gradients. The input-gradient figures are None for a layer whose input
+    needs no gradient (nothing upstream trains).
     """
     samples = defaultdict(list)
     with GradientRecorder(model) as recorder:
@@ -137,17 +143,21 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
             loss.backward()
             model.zero_grad(set_to_none=True)
             for name, rec in recorder.records.items():
-                result = layer_fidelity(recorder.layers[name], rec['input'],
-                                        rec['grad_out'])
-                if not rec['input_grad']:
-                    result['input_cos'] = result['input_rel_error'] = None
-                samples[name].append(result)
+                layer = recorder.layers[name]
+                pairs = [(r, r) for r in radii] if radii else [layer.radius]
+                for radius in pairs:
+                    result = layer_fidelity(layer, rec['input'],
+                                            rec['grad_out'], radius)
+                    if not rec['input_grad']:
+                        result['input_cos'] = result['input_rel_error'] = None
+                    samples[name, radius].append(result)
             progress()
-    summary = {}
-    for name, results in samples.items():
+    rows = []
+    for (name, radius), results in samples.items():
         layer = recorder.layers[name]
-        summary[name] = dict(
-            kernel_size=tuple(layer.kernel_size), stride=layer.stride,
-            dilation=layer.dilation, radius=layer.radius, batches=len(results),
-            **{key: _mean([r[key] for r in results]) for key in METRICS})
-    return summary
+        rows.append(dict(
+            layer=name, kernel_size=tuple(layer.kernel_size),
+            stride=layer.stride, dilation=layer.dilation, radius=radius,
+            batches=len(results),
+            **{key: _mean([r[key] for r in results]) for key in METRICS}))
+    return rows

@@ -123,24 +123,27 @@ def test_tool_on_demo_config(tmp_path):
     options = ['--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
                'train_dataloader.batch_size=2']
     proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
-                    '2', '--out', str(out), *options)
+                    '2', '--radius', '2', '4', '--out', str(out), *options)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'dW cos (taps shared)' in proc.stdout
     saved = json.loads((out / 'fidelity.json').read_text())
-    layers = saved['layers']
-    assert set(layers) == {
-        'decode_head.bottleneck.conv',
-        *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))}
-    for name, layer in layers.items():
-        assert layer['batches'] == 2
-        assert -1 <= layer['weight_cos'] <= 1
-        # only the dilated ASPP convs have taps in different patches
-        dilated = layer['dilation'][0] >= layer['radius'][0]
-        assert (layer['shared_weight_cos'] is not None) == dilated, name
+    rows = {(row['layer'], row['radius'][0]): row for row in saved['layers']}
+    names = {'decode_head.bottleneck.conv',
+             *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))}
+    assert set(rows) == {(name, r) for name in names for r in (2, 4)}
+    for (name, radius), row in rows.items():
+        assert row['batches'] == 2
+        assert -1 <= row['weight_cos'] <= 1
+        # taps in different patches (a grid dilation of 1 or more) only
+        dilated = round(row['dilation'][0] / radius) >= 1
+        assert (row['shared_weight_cos'] is not None) == dilated, name
+    # dilation 2: taps in different 2x2 patches, in the same 4x4 patch
+    assert rows['decode_head.aspp_modules.1.conv', 4]['shared_weight_cos'] \
+        is None
     # the frozen backbone feeds the ASPP: no input gradient to compare
-    assert layers['decode_head.aspp_modules.1.conv']['input_cos'] is None
-    assert layers['decode_head.bottleneck.conv']['input_cos'] is not None
-    assert (out / 'fidelity.csv').read_text().count('\n') == 6
+    assert rows['decode_head.aspp_modules.1.conv', 2]['input_cos'] is None
+    assert rows['decode_head.bottleneck.conv', 2]['input_cos'] is not None
+    assert (out / 'fidelity.csv').read_text().count('\n') == 11
 
     missing = tmp_path / 'nope.pth'
     proc = run_tool(str(FILT), '--checkpoint', str(missing), *options)
