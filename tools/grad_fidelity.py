@@ -20,7 +20,7 @@ from mmengine.runner.utils import set_random_seed
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.fidelity import METRICS, measure_fidelity
-from mmgradfilt.benchmark.report import write_csv, write_json
+from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
 from mmgradfilt.benchmark.step import gradient_filter_hook
 from mmgradfilt.cli import add_cfg_options
 from mmgradfilt.surgery import format_table
@@ -40,7 +40,7 @@ def parse_args():
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the data order and augmentation')
-    parser.add_argument('--out', help='output folder for JSON and CSV; '
+    parser.add_argument('--out', help='output folder for JSON, CSV and PNG; '
                         'defaults to work_dirs/grad_fidelity/<config>')
     add_cfg_options(parser)
     args = parser.parse_args()
@@ -119,6 +119,8 @@ def main():
                dict(config=args.config, checkpoint=checkpoint,
                     batches=args.batches, seed=args.seed, layers=rows))
     write_csv(osp.join(out_dir, 'fidelity.csv'), headers, table)
+    plot_fidelity(osp.join(out_dir, 'fidelity.png'), rows,
+                  f'{name}\nfiltered vs exact weight gradients')
     print(f'results written to {osp.abspath(out_dir)}')
 
 

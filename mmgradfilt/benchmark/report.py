@@ -72,11 +72,17 @@ def write_csv(path: str, headers: Sequence[str],
         writer.writerows(rows)
 
 
-def plot_step(path: str, result: Dict, title: str) -> None:
-    """Stacked phase times and peak memory, vanilla vs filtered."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_step(path: str, result: Dict, title: str) -> None:
+    """Stacked phase times and peak memory, vanilla vs filtered."""
+    plt = _pyplot()
     keys = ['vanilla', 'filtered']
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 4))
     bottom = [0.0, 0.0]
@@ -98,28 +104,52 @@ def plot_step(path: str, result: Dict, title: str) -> None:
     plt.close(fig)
 
 
-def plot_layers(path: str, results: Sequence[Dict], title: str) -> None:
-    """Backward speed-up per layer and radius (log scale)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(r['name'] for r in results))
-    radii = sorted({r['radius'] for r in results})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
+def _radius_label(radius) -> str:
+    """``r=4`` for an int or a square pair, ``r=2x4`` otherwise."""
+    if isinstance(radius, int):
+        return f'r={radius}'
+    return f'r={radius[0]}' if radius[0] == radius[1] else 'r={}x{}'.format(
+        *radius)
+
+
+def _bar_groups(rows: Sequence[Dict], label_key: str, value_key: str):
+    """A figure and its axes with one group of bars per ``label_key`` value,
+    one bar per radius (in the order the rows give them)."""
+    names = list(dict.fromkeys(r[label_key] for r in rows))
+    radii = list(dict.fromkeys(_radius_label(r['radius']) for r in rows))
+    fig, ax = _pyplot().subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
     width = 0.8 / len(radii)
     for i, radius in enumerate(radii):
-        speed = {r['name']: r['backward_speedup'] for r in results
-                 if r['radius'] == radius}
+        value = {r[label_key]: r[value_key] for r in rows
+                 if _radius_label(r['radius']) == radius}
         ax.bar([j + i * width for j in range(len(names))],
-               [speed.get(n, 0) for n in names], width, label=f'r={radius}')
-    ax.axhline(1.0, color='black', linewidth=0.8)
-    ax.set_yscale('log')
+               [value.get(n) or 0 for n in names], width, label=radius)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
     ax.set_xticklabels(names, rotation=30, ha='right', fontsize=8)
-    ax.set_ylabel('backward speed-up vs PyTorch (x)')
-    ax.set_title(title)
     ax.legend()
+    return fig, ax
+
+
+def _save(fig, ax, path: str, title: str) -> None:
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
+
+def plot_layers(path: str, results: Sequence[Dict], title: str) -> None:
+    """Backward speed-up per layer and radius (log scale)."""
+    fig, ax = _bar_groups(sorted(results, key=lambda r: r['radius']), 'name',
+                          'backward_speedup')
+    ax.axhline(1.0, color='black', linewidth=0.8)
+    ax.set_yscale('log')
+    ax.set_ylabel('backward speed-up vs PyTorch (x)')
+    _save(fig, ax, path, title)
+
+
+def plot_fidelity(path: str, rows: Sequence[Dict], title: str) -> None:
+    """Cosine of the filtered and exact weight gradients per layer and radius."""
+    fig, ax = _bar_groups(rows, 'layer', 'weight_cos')
+    ax.set_ylim(min(0.0, *(r['weight_cos'] for r in rows)), 1.0)
+    ax.set_ylabel('cosine, filtered vs exact weight gradient')
+    _save(fig, ax, path, title)

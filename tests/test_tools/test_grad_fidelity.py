@@ -144,6 +144,7 @@ def test_tool_on_demo_config(tmp_path):
     assert rows['decode_head.aspp_modules.1.conv', 2]['input_cos'] is None
     assert rows['decode_head.bottleneck.conv', 2]['input_cos'] is not None
     assert (out / 'fidelity.csv').read_text().count('\n') == 11
+    assert (out / 'fidelity.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     missing = tmp_path / 'nope.pth'
     proc = run_tool(str(FILT), '--checkpoint', str(missing), *options)
