@@ -9,10 +9,13 @@ input and output gradient.
 import argparse
 import copy
 import itertools
+import logging
 import os.path as osp
+from typing import Optional
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import Runner, load_checkpoint
@@ -23,6 +26,9 @@ from mmgradfilt.benchmark.fidelity import METRICS, measure_fidelity
 from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
 from mmgradfilt.benchmark.step import gradient_filter_hook
 from mmgradfilt.cli import add_cfg_options
+from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
+                                                    missing_checkpoints_error,
+                                                    pretrained_checkpoints)
 from mmgradfilt.surgery import format_table
 
 
@@ -31,7 +37,8 @@ def parse_args():
         description='Filtered vs exact gradients of a config\'s layers')
     parser.add_argument('config', help='config file with a GradientFilterHook')
     parser.add_argument('--checkpoint', help='weights to load; defaults to '
-                        'the config\'s load_from')
+                        'the config\'s load_from, else its own initialisation '
+                        '(pretrained backbone)')
     parser.add_argument('--batches', type=int, default=8,
                         help='training batches to average over')
     parser.add_argument('--radius', type=int, nargs='+',
@@ -55,13 +62,28 @@ def parse_args():
     return args
 
 
-def build_model(cfg: Config, checkpoint: str, device: torch.device):
-    """The config's model with ``checkpoint`` loaded, then its gradient
-    filters and freezing applied, in training mode."""
+def build_model(cfg: Config, checkpoint: Optional[str],
+                device: torch.device):
+    """The config's model with ``checkpoint`` loaded (else initialised as the
+    config says, pretrained parts included), then its gradient filters and
+    freezing applied, in training mode."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pop('pretrained', None)
     model = revert_sync_batchnorm(MODELS.build(model_cfg))
-    load_checkpoint(model, checkpoint, map_location='cpu', logger='current')
+    wanted = ([('--checkpoint or load_from', checkpoint)]
+              if checkpoint else pretrained_checkpoints(model))
+    error = missing_checkpoints_error(wanted, CHECKPOINT_HINT)
+    if error is not None:
+        raise SystemExit(str(error))
+    if checkpoint:
+        load_checkpoint(model, checkpoint, map_location='cpu',
+                        logger='current')
+    else:
+        if not wanted:
+            print_log('no checkpoint and no pretrained parts: gradients of '
+                      'randomly initialised weights', logger='current',
+                      level=logging.WARNING)
+        model.init_weights()
     gradient_filter_hook(cfg).apply(model)
     return model.to(device).train()
 
@@ -72,12 +94,6 @@ def main():
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     checkpoint = args.checkpoint or cfg.get('load_from')
-    if not checkpoint:
-        raise SystemExit(f'{args.config} has no load_from: give --checkpoint '
-                         '(gradients of untrained weights say little)')
-    if not osp.isfile(checkpoint):
-        raise SystemExit(f'checkpoint {checkpoint} not found; '
-                         'checkpoints/README.md says how to get each one')
     init_default_scope(cfg.get('default_scope', 'mmengine'))
     set_random_seed(args.seed)
     device = torch.device(args.device)
@@ -108,7 +124,8 @@ def main():
               pair(r['dilation']), pair(r['radius']),
               *(fmt(r[m]) for m in METRICS)]
              for r in rows]
-    print(f'{osp.basename(args.config)}, {checkpoint}: filtered vs exact '
+    weights = checkpoint or 'the config\'s initialisation'
+    print(f'{osp.basename(args.config)}, {weights}: filtered vs exact '
           f'gradients of the same input and output gradient, means over '
           f'{args.batches} training batches')
     print(format_table(headers, table))
@@ -116,7 +133,7 @@ def main():
     out_dir = args.out or osp.join('work_dirs', 'grad_fidelity', name)
     mkdir_or_exist(out_dir)
     write_json(osp.join(out_dir, 'fidelity.json'),
-               dict(config=args.config, checkpoint=checkpoint,
+               dict(config=args.config, weights=weights,
                     batches=args.batches, seed=args.seed, layers=rows))
     write_csv(osp.join(out_dir, 'fidelity.csv'), headers, table)
     plot_fidelity(osp.join(out_dir, 'fidelity.png'), rows,

@@ -1,5 +1,5 @@
 import os.path as osp
-from typing import Iterator, List, Tuple
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 from mmengine.hooks import Hook
@@ -9,14 +9,36 @@ from mmengine.runner import BaseLoop
 from mmengine.utils import is_list_of
 
 
-def _pretrained_paths(model: nn.Module) -> Iterator[Tuple[str, str]]:
-    """``(module name, checkpoint)`` of every ``Pretrained`` init_cfg."""
+CHECKPOINT_HINT = ('See checkpoints/README.md for how to produce it (calib '
+                   'configs) or convert an official one.')
+
+
+def pretrained_checkpoints(model: nn.Module) -> List[Tuple[str, str]]:
+    """``('init_cfg of <module>', checkpoint)`` of every ``Pretrained``
+    init_cfg of ``model``."""
+    found = []
     for name, module in model.named_modules():
         init_cfg = getattr(module, 'init_cfg', None)
         cfgs = init_cfg if is_list_of(init_cfg, dict) else [init_cfg]
         for cfg in cfgs:
             if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-                yield name or type(model).__name__, cfg['checkpoint']
+                found.append((f'init_cfg of {name or type(model).__name__}',
+                              cfg['checkpoint']))
+    return found
+
+
+def missing_checkpoints_error(wanted: List[Tuple[str, str]],
+                              hint: str) -> Optional[FileNotFoundError]:
+    """An error naming the local files of ``(what, checkpoint)`` pairs that
+    do not exist, or None; remote ones (``scheme://``) are left to MMEngine."""
+    missing = [(what, path) for what, path in wanted
+               if '://' not in path and not osp.isfile(osp.expanduser(path))]
+    if not missing:
+        return None
+    return FileNotFoundError(
+        'Missing checkpoint(s): ' + '; '.join(
+            f'"{path}" (set by {what})' for what, path in missing) +
+        f'. {hint}')
 
 
 @HOOKS.register_module()
@@ -37,9 +59,7 @@ class PretrainedCheckHook(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self,
-                 hint: str = 'See checkpoints/README.md for how to produce '
-                 'it (calib configs) or convert an official one.') -> None:
+    def __init__(self, hint: str = CHECKPOINT_HINT) -> None:
         if not isinstance(hint, str):
             raise TypeError(f'hint must be a str, got {hint!r}')
         self.hint = hint
@@ -52,14 +72,8 @@ class PretrainedCheckHook(Hook):
         if runner._load_from:
             wanted.append(('load_from', runner._load_from))
         if isinstance(runner._train_loop, BaseLoop):  # weights are initialised
-            wanted += [(f'init_cfg of {name}', path)
-                       for name, path in _pretrained_paths(model)]
-        missing = [(what, path) for what, path in wanted
-                   if '://' not in path
-                   and not osp.isfile(osp.expanduser(path))]
-        if missing:
-            raise FileNotFoundError(
-                'Missing checkpoint(s): ' + '; '.join(
-                    f'"{path}" (set by {what})' for what, path in missing) +
-                f'. {self.hint}')
+            wanted += pretrained_checkpoints(model)
+        error = missing_checkpoints_error(wanted, self.hint)
+        if error is not None:
+            raise error
 

@@ -149,8 +149,16 @@ def test_tool_on_demo_config(tmp_path):
     missing = tmp_path / 'nope.pth'
     proc = run_tool(str(FILT), '--checkpoint', str(missing), *options)
     assert proc.returncode != 0
-    assert f'checkpoint {missing} not found' in proc.stderr
+    assert f'"{missing}" (set by --checkpoint or load_from)' in proc.stderr
     assert 'checkpoints/README.md' in proc.stderr
+
+    # without load_from the config's own init runs: its pretrained backbone
+    backbone = tmp_path / 'backbone.pth'
+    proc = run_tool(str(FILT), *options, 'load_from=None',
+                    'model.backbone.init_cfg.type=Pretrained',
+                    f'model.backbone.init_cfg.checkpoint={backbone}')
+    assert proc.returncode != 0
+    assert f'"{backbone}" (set by init_cfg of backbone)' in proc.stderr
 
     no_data = tmp_path / 'no_data'
     proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--cfg-options',
