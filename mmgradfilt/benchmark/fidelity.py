@@ -143,6 +143,8 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
             loss.backward()
             model.zero_grad(set_to_none=True)
             for name, rec in recorder.records.items():
+                if 'grad_out' not in rec:  # its output did not reach the loss
+                    continue
                 layer = recorder.layers[name]
                 pairs = [(r, r) for r in radii] if radii else [layer.radius]
                 for radius in pairs:

@@ -10,8 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmengine.model import BaseModel
+
 from mmgradfilt.benchmark.fidelity import (GradientRecorder, cosine,
-                                           layer_fidelity, relative_error)
+                                           layer_fidelity, measure_fidelity,
+                                           relative_error)
 from mmgradfilt.layers import GradFilterConv2d
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +102,40 @@ def test_recorder_keeps_input_and_output_grad_of_trained_layers():
     # hooks are gone after the block
     model(x).sum().backward()
     assert all(not layer._forward_hooks for layer in model)
+
+
+class TwoBranchModel(BaseModel):
+    """An MMEngine model whose loss uses one of its two filtered convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = GradFilterConv2d(3, 4, 3, padding=2, dilation=2, radius=2)
+        self.unused = GradFilterConv2d(3, 4, 3, padding=1, radius=2)
+
+    def forward(self, inputs, data_samples=None, mode='loss'):
+        self.unused(inputs)
+        return dict(loss=self.used(inputs).pow(2).mean())
+
+
+def test_measure_fidelity_per_layer_and_radius():
+    torch.manual_seed(0)
+    model = TwoBranchModel()
+    batches = [dict(inputs=torch.randn(2, 3, 16, 16)) for _ in range(3)]
+    calls = []
+    rows = measure_fidelity(model, batches, radii=[2, 4],
+                            progress=lambda: calls.append(1))
+    assert len(calls) == 3
+    # the unused conv got no output gradient: nothing to compare
+    assert [(r['layer'], r['radius']) for r in rows] == [('used', (2, 2)),
+                                                         ('used', (4, 4))]
+    assert all(r['batches'] == 3 for r in rows)
+    # the input is data: no input gradient in training, none reported
+    assert all(r['input_cos'] is None for r in rows)
+    # taps 2 pixels apart fall in different 2x2 patches (a shared variant to
+    # compare) and are summed on the 4x4 grid (none)
+    assert rows[0]['shared_weight_cos'] is not None
+    assert rows[1]['shared_weight_cos'] is None
+    assert all(p.grad is None for p in model.parameters())
 
 
 def run_tool(*args):
