@@ -22,7 +22,7 @@ from mmengine.runner import Runner, load_checkpoint
 from mmengine.runner.utils import set_random_seed
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
-from mmgradfilt.benchmark.fidelity import METRICS, measure_fidelity
+from mmgradfilt.benchmark.fidelity import fidelity_table, measure_fidelity
 from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
 from mmgradfilt.benchmark.step import gradient_filter_hook
 from mmgradfilt.cli import add_cfg_options
@@ -109,32 +109,21 @@ def main():
     bar = ProgressBar(args.batches)
     rows = measure_fidelity(model, batches, args.radius, bar.update)
     print()
-
-    def fmt(value):
-        return '-' if value is None else f'{value:.3f}'
-
-    def pair(values):
-        return str(values[0]) if values[0] == values[1] else '{}x{}'.format(
-            *values)
-
-    headers = ['filtered layer', 'kernel', 'dilation', 'radius',
-               'dW cos', 'dW rel err', 'dx cos', 'dx rel err',
-               'dW cos (taps shared)']
-    table = [[r['layer'], 'x'.join(map(str, r['kernel_size'])),
-              pair(r['dilation']), pair(r['radius']),
-              *(fmt(r[m]) for m in METRICS)]
-             for r in rows]
+    if not rows:
+        raise SystemExit('no filtered conv got a gradient from the loss')
+    headers, table = fidelity_table(rows)
     weights = checkpoint or 'the config\'s initialisation'
     print(f'{osp.basename(args.config)}, {weights}: filtered vs exact '
           f'gradients of the same input and output gradient, means over '
-          f'{args.batches} training batches')
+          f'{rows[0]["batches"]} training batches')
     print(format_table(headers, table))
     name = osp.splitext(osp.basename(args.config))[0]
     out_dir = args.out or osp.join('work_dirs', 'grad_fidelity', name)
     mkdir_or_exist(out_dir)
     write_json(osp.join(out_dir, 'fidelity.json'),
                dict(config=args.config, weights=weights,
-                    batches=args.batches, seed=args.seed, layers=rows))
+                    batches=rows[0]['batches'], seed=args.seed,
+                    layers=rows))
     write_csv(osp.join(out_dir, 'fidelity.csv'), headers, table)
     plot_fidelity(osp.join(out_dir, 'fidelity.png'), rows,
                   f'{name}\nfiltered vs exact weight gradients')

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..layers import GradFilterConv2d
 from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
+from .report import pair_label
 
 METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
            'shared_weight_cos')
@@ -163,3 +164,15 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
             batches=len(results),
             **{key: _mean([r[key] for r in results]) for key in METRICS}))
     return rows
+
+
+def fidelity_table(rows: Sequence[Dict]) -> Tuple[List[str], List[List]]:
+    """Headers and rows of :func:`measure_fidelity`'s results for printing."""
+    headers = ['filtered layer', 'kernel', 'dilation', 'radius', 'dW cos',
+               'dW rel err', 'dx cos', 'dx rel err', 'dW cos (taps shared)']
+    table = [[
+        r['layer'], 'x'.join(map(str, r['kernel_size'])),
+        pair_label(r['dilation']), pair_label(r['radius']),
+        *('-' if r[m] is None else f'{r[m]:.3f}' for m in METRICS)
+    ] for r in rows]
+    return headers, table

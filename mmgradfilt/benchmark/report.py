@@ -104,12 +104,16 @@ def plot_step(path: str, result: Dict, title: str) -> None:
     plt.close(fig)
 
 
+def pair_label(values) -> str:
+    """``4`` for an int or a square pair, ``2x4`` otherwise."""
+    if isinstance(values, int):
+        return str(values)
+    return (str(values[0]) if values[0] == values[1] else
+            '{}x{}'.format(*values))
+
+
 def _radius_label(radius) -> str:
-    """``r=4`` for an int or a square pair, ``r=2x4`` otherwise."""
-    if isinstance(radius, int):
-        return f'r={radius}'
-    return f'r={radius[0]}' if radius[0] == radius[1] else 'r={}x{}'.format(
-        *radius)
+    return f'r={pair_label(radius)}'
 
 
 def _bar_groups(rows: Sequence[Dict], label_key: str, value_key: str):
