@@ -7,7 +7,6 @@ filtered weight and input gradients against the exact gradients of the same
 input and output gradient.
 """
 import argparse
-import copy
 import itertools
 import logging
 import os.path as osp
@@ -16,15 +15,14 @@ from typing import Optional
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 from mmengine.runner.utils import set_random_seed
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.fidelity import fidelity_table, measure_fidelity
 from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
-from mmgradfilt.benchmark.step import gradient_filter_hook
+from mmgradfilt.benchmark.step import build_model, gradient_filter_hook
 from mmgradfilt.cli import add_cfg_options
 from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
                                                     missing_checkpoints_error,
@@ -62,14 +60,12 @@ def parse_args():
     return args
 
 
-def build_model(cfg: Config, checkpoint: Optional[str],
-                device: torch.device):
+def trained_model(cfg: Config, checkpoint: Optional[str],
+                  device: torch.device):
     """The config's model with ``checkpoint`` loaded (else initialised as the
     config says, pretrained parts included), then its gradient filters and
     freezing applied, in training mode."""
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.pop('pretrained', None)
-    model = revert_sync_batchnorm(MODELS.build(model_cfg))
+    model = build_model(cfg)
     wanted = ([('--checkpoint or load_from', checkpoint)]
               if checkpoint else pretrained_checkpoints(model))
     error = missing_checkpoints_error(wanted, CHECKPOINT_HINT)
@@ -98,7 +94,7 @@ def main():
     set_random_seed(args.seed)
     device = torch.device(args.device)
     try:
-        model = build_model(cfg, checkpoint, device)
+        model = trained_model(cfg, checkpoint, device)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     try:

@@ -53,20 +53,29 @@ def _filtered_grads(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
     return torch.autograd.grad(out, (x, weight), grad_out)
 
 
+def exact_grads(layer: GradFilterConv2d, x: Tensor,
+                grad_out: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(dx, dW)`` of ``layer``'s plain conv for ``x`` and ``grad_out``."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, layer.weight.detach(), None, layer.stride,
+        layer.padding_pair, layer.dilation, False, (0, 0), layer.groups,
+        (True, True, False))
+    return dx, dw
+
+
 def layer_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
-                   radius: Optional[IntPair] = None
+                   radius: Optional[IntPair] = None,
+                   exact: Optional[Tuple[Tensor, Tensor]] = None
                    ) -> Dict[str, Optional[float]]:
     """Filtered (with ``radius``, default the layer's) vs exact gradients of
     ``layer`` for input ``x`` and output gradient ``grad_out``.
 
+    ``exact`` is :func:`exact_grads` of the same, where already computed.
     ``shared_weight_cos`` is the cosine of the paper's weight gradient (one
     value for all taps of a filter) where the layer's taps fall in different
     patches, else None: there the filtered one is that gradient already.
     """
-    exact_x, exact_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, layer.weight.detach(), None, layer.stride,
-        layer.padding_pair, layer.dilation, False, (0, 0), layer.groups,
-        (True, True, False))
+    exact_x, exact_w = exact or exact_grads(layer, x, grad_out)
     radius = radius or layer.radius
     dx, dw = _filtered_grads(layer, x, grad_out, layer.padding_pair,
                              layer.dilation, radius)
@@ -147,10 +156,11 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
                 if 'grad_out' not in rec:  # its output did not reach the loss
                     continue
                 layer = recorder.layers[name]
+                x, grad_out = rec['input'], rec['grad_out']
+                exact = exact_grads(layer, x, grad_out)
                 pairs = [(r, r) for r in radii] if radii else [layer.radius]
                 for radius in pairs:
-                    result = layer_fidelity(layer, rec['input'],
-                                            rec['grad_out'], radius)
+                    result = layer_fidelity(layer, x, grad_out, radius, exact)
                     if not rec['input_grad']:
                         result['input_cos'] = result['input_rel_error'] = None
                     samples[name, radius].append(result)

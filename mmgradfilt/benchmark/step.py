@@ -1,6 +1,6 @@
 """Whole training step of a config's model: vanilla vs gradient-filtered."""
 import copy
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,16 @@ def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
     return GradientFilterHook(**kwargs)
 
 
+def build_model(cfg: Config, model_cfg: Optional[ConfigDict] = None
+                ) -> nn.Module:
+    """The config's model (or ``model_cfg``, a variant of it) as built in the
+    config's scope, SyncBN reverted to BN, weights not initialised."""
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    model_cfg = copy.deepcopy(model_cfg or cfg.model)
+    model_cfg.pop('pretrained', None)
+    return revert_sync_batchnorm(MODELS.build(model_cfg))
+
+
 def build_models(cfg: Config, device: torch.device, size: Tuple[int, int]
                  ) -> Tuple[nn.Module, nn.Module, List[str]]:
     """(vanilla, filtered, filtered conv paths), both with the config's freezing.
@@ -38,12 +48,10 @@ def build_models(cfg: Config, device: torch.device, size: Tuple[int, int]
     not depend on them. A data preprocessor that pads to a fixed size pads to
     ``size`` instead.
     """
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
     model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.pop('pretrained', None)
     if model_cfg.get('data_preprocessor', {}).get('size') is not None:
         model_cfg.data_preprocessor.size = size
-    vanilla = revert_sync_batchnorm(MODELS.build(model_cfg))
+    vanilla = build_model(cfg, model_cfg)
     filtered = copy.deepcopy(vanilla)
     hook = gradient_filter_hook(cfg)
     freeze_layers(vanilla, hook.freeze_layers, hook.norm_eval)
