@@ -264,16 +264,16 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                 radius: IntPair) -> Tensor:
         grid = grid_conv(tuple(weight.shape[2:]), stride, padding, dilation,
                          radius)
-        # pooling first leaves the input in cache for the conv, which reads it
+        # pooling first leaves the input in cache for the conv, which reads it;
+        # the conv comes last, so no Python runs on caches it has filled
         pooled = pool_blocks(x, grid.block) if ctx.needs_input_grad[1] else None
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(pooled, weight)
         ctx.grid = grid
         ctx.groups = groups
         ctx.radius = radius
         ctx.in_size = tuple(x.shape[-2:])
         ctx.x_dtype = x.dtype
-        return out
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
