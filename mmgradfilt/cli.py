@@ -1,5 +1,6 @@
-"""Command-line pieces shared by ``tools/train.py``, ``test.py`` and
-``benchmark.py``: the usual OpenMMLab options and how they apply to a config."""
+"""Command-line pieces shared by ``tools/train.py``, ``test.py``,
+``benchmark.py`` and ``grad_fidelity.py``: the usual OpenMMLab options and how
+they apply to a config."""
 import argparse
 import os
 import os.path as osp
@@ -43,16 +44,22 @@ def parse_runner_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def read_config(args: argparse.Namespace) -> Config:
+    """``args.config`` with ``--cfg-options`` merged in."""
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """The config with the command line applied.
 
     ``work_dir``: ``--work-dir``, else the config's, else
     ``./work_dirs/<config name>``.
     """
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:

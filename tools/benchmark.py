@@ -14,7 +14,6 @@ import os.path as osp
 import platform
 
 import torch
-from mmengine.config import Config
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
@@ -25,7 +24,7 @@ from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
                                        measure_step, synthetic_batch,
                                        time_steps)
 from mmgradfilt.benchmark.timing import paired_ratio
-from mmgradfilt.cli import add_cfg_options
+from mmgradfilt.cli import add_cfg_options, read_config
 from mmgradfilt.surgery import format_table
 
 
@@ -78,9 +77,7 @@ def environment(args) -> dict:
 
 
 def run_config(args, device: torch.device, out_dir: str) -> None:
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args)
     size = tuple(args.input_size)
     vanilla, filtered, paths = build_models(cfg, device, size)
     batch = synthetic_batch(cfg, args.batch_size, size)

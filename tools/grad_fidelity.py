@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 from mmengine.runner.utils import set_random_seed
 from mmengine.utils import ProgressBar, mkdir_or_exist
@@ -23,7 +22,7 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 from mmgradfilt.benchmark.fidelity import fidelity_table, measure_fidelity
 from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
 from mmgradfilt.benchmark.step import build_model, gradient_filter_hook
-from mmgradfilt.cli import add_cfg_options
+from mmgradfilt.cli import add_cfg_options, read_config
 from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
                                                     missing_checkpoints_error,
                                                     pretrained_checkpoints)
@@ -86,11 +85,8 @@ def trained_model(cfg: Config, checkpoint: Optional[str],
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args)
     checkpoint = args.checkpoint or cfg.get('load_from')
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
     set_random_seed(args.seed)
     device = torch.device(args.device)
     try:
