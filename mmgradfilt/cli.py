@@ -5,6 +5,7 @@ import argparse
 import os
 import os.path as osp
 
+import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -22,6 +23,19 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
         'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
         'Note that the quotation marks are necessary and that no white space '
         'is allowed.')
+
+
+def check_analysis_args(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> None:
+    """Checks that ``benchmark.py`` and ``grad_fidelity.py`` share: the
+    config (where given) exists, ``--device cuda`` has a device and
+    ``--radius`` values (where given) are positive."""
+    if args.config is not None and not osp.isfile(args.config):
+        parser.error(f'config file {args.config} not found')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    if args.radius and min(args.radius) < 1:
+        parser.error('--radius values must be >= 1')
 
 
 def add_runner_args(parser: argparse.ArgumentParser, work_dir_help: str) -> None:

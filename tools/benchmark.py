@@ -24,7 +24,7 @@ from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
                                        measure_step, synthetic_batch,
                                        time_steps)
 from mmgradfilt.benchmark.timing import paired_ratio
-from mmgradfilt.cli import add_cfg_options, read_config
+from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
 from mmgradfilt.surgery import format_table
 
 
@@ -56,14 +56,9 @@ def parse_args():
     args = parser.parse_args()
     if (args.config is None) == (args.layers is None):
         parser.error('give either a CONFIG or --layers')
-    if args.config is not None and not osp.isfile(args.config):
-        parser.error(f'config file {args.config} not found')
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: no CUDA device is available')
+    check_analysis_args(parser, args)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error('--iters and --batch-size must be >= 1, --warmup >= 0')
-    if min(args.radius) < 1:
-        parser.error('--radius values must be >= 1')
     return args
 
 

@@ -22,7 +22,7 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 from mmgradfilt.benchmark.fidelity import fidelity_table, measure_fidelity
 from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
 from mmgradfilt.benchmark.step import build_model, gradient_filter_hook
-from mmgradfilt.cli import add_cfg_options, read_config
+from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
 from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
                                                     missing_checkpoints_error,
                                                     pretrained_checkpoints)
@@ -48,14 +48,9 @@ def parse_args():
                         'defaults to work_dirs/grad_fidelity/<config>')
     add_cfg_options(parser)
     args = parser.parse_args()
-    if not osp.isfile(args.config):
-        parser.error(f'config file {args.config} not found')
+    check_analysis_args(parser, args)
     if args.batches < 1:
         parser.error('--batches must be >= 1')
-    if args.radius and min(args.radius) < 1:
-        parser.error('--radius values must be >= 1')
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: no CUDA device is available')
     return args
 
 

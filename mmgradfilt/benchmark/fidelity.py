@@ -40,16 +40,20 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 
 
 def _filtered_grads(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
-                    padding: IntPair, dilation: IntPair, radius: IntPair
-                    ) -> Optional[Tuple[Tensor, Tensor]]:
+                    padding: IntPair, dilation: IntPair, radius: IntPair,
+                    input_grad: bool = True
+                    ) -> Optional[Tuple[Optional[Tensor], Tensor]]:
     """``(dx, dW)`` of the filtered op with the layer's weight at the given
-    geometry, or None where that geometry gives another output size."""
-    x = x.detach().requires_grad_()
+    geometry (``dx`` None unless ``input_grad``), or None where that geometry
+    gives another output size."""
+    x = x.detach().requires_grad_(input_grad)
     weight = layer.weight.detach().requires_grad_()
     out = grad_filter_conv2d(x, weight, None, layer.stride, padding, dilation,
                              layer.groups, radius)
     if out.shape != grad_out.shape:
         return None
+    if not input_grad:
+        return None, torch.autograd.grad(out, weight, grad_out)[0]
     return torch.autograd.grad(out, (x, weight), grad_out)
 
 
@@ -89,7 +93,8 @@ def layer_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
     if any(grid.dilation):
         # the same conv undilated: its grid kernel is the summed one
         same = tuple((k - 1) // 2 for k in layer.kernel_size)
-        shared = _filtered_grads(layer, x, grad_out, same, (1, 1), radius)
+        shared = _filtered_grads(layer, x, grad_out, same, (1, 1), radius,
+                                 input_grad=False)
         if shared is not None:
             result['shared_weight_cos'] = cosine(shared[1], exact_w)
     return result

@@ -219,19 +219,20 @@ class GridConv:
         The weight gradient has the full kernel's shape (taps summed on the
         grid share one value).
         """
-        kernel = self.kernel(weight)
-        if kernel.shape[2:] == (1, 1) and weight.shape[:2] == (groups, 1):
+        pointwise = self.kernel_size == (1, 1)
+        # a pointwise grid conv's weight gradient does not read the kernel
+        kernel = self.kernel(weight) if need_x or not pointwise else None
+        if pointwise and weight.shape[:2] == (groups, 1):
             # depthwise: one channel per group, elementwise products
-            w = kernel.view(1, -1, 1, 1)
-            gx = g * w if need_x else None
+            gx = g * kernel.view(1, -1, 1, 1) if need_x else None
             gw = (g * x_grid).sum((0, 2, 3)).view(-1, 1, 1, 1) if need_w else None
-        elif kernel.shape[2:] == (1, 1):
+        elif pointwise:
             # a 1x1 conv on the grid is a (grouped) matrix product
             n, c_out, hp, wp = g.shape
             g = g.reshape(n, groups, c_out // groups, hp * wp)
-            w = kernel.reshape(groups, c_out // groups, -1)
             gx = gw = None
             if need_x:
+                w = kernel.reshape(groups, c_out // groups, -1)
                 gx = torch.matmul(w.transpose(1, 2), g).reshape(n, -1, hp, wp)
             if need_w:
                 x = x_grid.reshape(n, groups, -1, hp * wp)

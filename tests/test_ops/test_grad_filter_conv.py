@@ -192,6 +192,29 @@ def test_frozen_weight_saves_nothing():
     torch.testing.assert_close(x.grad, want)
 
 
+def test_frozen_input_does_not_sum_the_kernel(monkeypatch):
+    """Only the weight gradient wanted (a first filtered layer, whose input is
+    frozen): it is the paper's, and the summed kernel (used by the input
+    gradient alone) is not computed."""
+    summed = []
+    kernel = grad_filter_conv.GridConv.kernel
+    monkeypatch.setattr(grad_filter_conv.GridConv, 'kernel',
+                        lambda self, w: summed.append(w) or kernel(self, w))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 5, 8, 8, dtype=torch.float64)
+    out = grad_filter_conv2d(x, weight, None, padding=(1, 1))
+    (grad_w, ) = torch.autograd.grad(out, weight, grad_out)
+    assert summed == []
+    want = paper_reference(x, weight.detach(), grad_out, 4, 1)[1]
+    torch.testing.assert_close(grad_w, want, rtol=1e-12, atol=1e-12)
+    x.requires_grad_()
+    out = grad_filter_conv2d(x, weight, None, padding=(1, 1))
+    torch.autograd.grad(out, (x, weight), grad_out)
+    assert len(summed) == 1
+
+
 def test_no_grad_is_plain_conv(monkeypatch):
     calls = []
     monkeypatch.setattr(GradFilterConv2dFunction, 'apply',
