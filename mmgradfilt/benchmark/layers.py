@@ -109,9 +109,14 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
         forward(layer)
         backward(layer)
 
-    # the two alternate, so that a slow spell of a shared machine hits both
+    # the two alternate, so that a slow spell of a shared machine hits both;
+    # each timed run follows an untimed one of the same layer, as in training:
+    # the allocator then holds what this layer freed, not what the other did
+    # (after PyTorch's backward, the next forward of a conv can get fresh
+    # pages to fault in, 20% of a 640->128 conv's time on this CPU)
     for i in range(warmup + iters):
         for key, layer in layers.items():
+            forward_backward(layer)
             t_f = timed(partial(forward, layer), device)
             t_b = timed(partial(backward, layer), device)
             if i >= warmup:
