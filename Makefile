@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements/constraints.txt setup.cfg
 	$(PIP) install $(PIN) torch torchvision
 	$(PIP) install $(PIN) mmengine ninja psutil
 	MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install $(PIN) --no-build-isolation mmcv
-	$(PIP) install $(PIN) mmsegmentation ftfy regex mmpretrain openmim pytest scikit-learn matplotlib
+	$(PIP) install $(PIN) mmsegmentation ftfy regex mmpretrain openmim pytest scikit-learn matplotlib onnx onnxscript onnxruntime
 	# openmim's dependencies pull setuptools back to 60.x; mim needs pkg_resources
 	$(PIP) install $(SETUPTOOLS)
 	$(PIP) install --no-deps --no-build-isolation -e .

@@ -25,7 +25,7 @@ from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
                                        time_steps)
 from mmgradfilt.benchmark.timing import paired_ratio
 from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
-from mmgradfilt.surgery import format_table
+from mmgradfilt.report import format_table
 
 
 def parse_args():

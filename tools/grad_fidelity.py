@@ -26,7 +26,7 @@ from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
 from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
                                                     missing_checkpoints_error,
                                                     pretrained_checkpoints)
-from mmgradfilt.surgery import format_table
+from mmgradfilt.report import format_table
 
 
 def parse_args():

@@ -4,7 +4,7 @@ import json
 import os
 from typing import Dict, List, Sequence
 
-from ..surgery import format_table
+from ..report import format_table
 
 MB = 2.0**20
 

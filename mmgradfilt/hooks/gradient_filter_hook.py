@@ -8,8 +8,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
-from ..surgery import (check_filter_install, check_freeze_rules,
-                       count_parameters, format_table, freeze_layers,
+from ..report import count_parameters, format_table
+from ..surgery import (check_filter_install, check_freeze_rules, freeze_layers,
                        get_module, install_gradient_filter)
 
 
