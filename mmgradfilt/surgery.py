@@ -92,13 +92,18 @@ def check_filter_install(
     if isinstance(filter_install, dict):
         raise TypeError('filter_install must be a list of dicts, got a dict')
     pairs = []
-    for item in filter_install:
+    for index, item in enumerate(filter_install):
+        where = f'filter_install[{index}] = {item!r}'
         if not isinstance(item, dict) or set(item) != {'path', 'radius'}:
-            raise ValueError('each filter_install item must be '
-                             f'dict(path=..., radius=...), got {item!r}')
+            raise ValueError(f'{where}: each item must be '
+                             'dict(path=..., radius=...)')
         if not isinstance(item['path'], str):
-            raise TypeError(f'filter path must be a str, got {item["path"]!r}')
-        pairs.append((item['path'], check_radius(item['radius'])))
+            raise TypeError(f'{where}: the path must be a str')
+        try:
+            radius = check_radius(item['radius'])
+        except ValueError as err:
+            raise ValueError(f'{where}: {err}') from None
+        pairs.append((item['path'], radius))
     return pairs
 
 
@@ -191,3 +196,9 @@ def freeze_layers(model: nn.Module,
                     p.requires_grad for p in params))
     return records
 
+
+def eval_norms(model: nn.Module) -> List[str]:
+    """Paths of the BatchNorms :func:`freeze_layers` keeps in eval mode."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm)
+            and _keep_eval in module._forward_pre_hooks.values()]

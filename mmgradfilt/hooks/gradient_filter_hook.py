@@ -8,9 +8,9 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
-from ..report import count_parameters, format_table
-from ..surgery import (check_filter_install, check_freeze_rules, freeze_layers,
-                       get_module, install_gradient_filter)
+from ..report import count_parameters, format_table, trained_modules
+from ..surgery import (check_filter_install, check_freeze_rules, eval_norms,
+                       freeze_layers, get_module, install_gradient_filter)
 
 
 @HOOKS.register_module()
@@ -67,6 +67,12 @@ class GradientFilterHook(Hook):
         if rules:
             lines.append('Freeze rules (parameter tensors set): ' + ', '.join(
                 f'{r.rule} ({r.num_params})' for r in rules))
+        lines.append('Trained modules: ' +
+                     (', '.join(trained_modules(model)) or 'none'))
+        norms = eval_norms(model)
+        if norms:
+            lines.append(f'Frozen BatchNorms in eval mode (running statistics '
+                         f'fixed): {len(norms)}')
         lines.append(f'Trainable parameters: {trainable:,} / {total:,} '
                      f'({100 * trainable / max(total, 1):.2f}%)')
         return '\n'.join(lines)

@@ -1,6 +1,7 @@
 """Bad input: one clear error or warning each, before any training step."""
 import copy
 import os.path as osp
+import re
 import uuid
 
 import pytest
@@ -46,11 +47,12 @@ def _log(runner):
 @pytest.mark.parametrize('radius', [0, -1, 2.5, '2', (2, 0), True])
 def test_bad_radius_fails_when_the_runner_is_built(seg_cfg, work_dir, radius):
     path = 'decode_head.aspp_modules'
-    with pytest.raises(ValueError, match='radius must be a positive int or a '
-                       f'pair of them, got {radius!r}'.replace('(', '\\(')
-                       .replace(')', '\\)')):
-        _build(seg_cfg, work_dir, filter_install=[dict(path=path,
-                                                       radius=radius)])
+    entry = dict(path=path, radius=radius)
+    # the message names the entry (index, path, value) and the rule it broke
+    message = (f'filter_install[1] = {entry!r}: radius must be a positive int '
+               f'or a pair of them, got {radius!r}')
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _build(seg_cfg, work_dir, filter_install=[ASPP, entry])
     _assert_nothing_lost(work_dir)
 
 

@@ -88,6 +88,7 @@ class TestGradientFilterHook(RunnerTestCase):
         model = runner.model
         stem_before = copy.deepcopy(model.stem.state_dict())
         body_weight = model.body[0].weight
+        body_before = body_weight.detach().clone()
         runner.train()
 
         assert isinstance(model.body[0], GradFilterConv2d)
@@ -96,7 +97,7 @@ class TestGradientFilterHook(RunnerTestCase):
         assert type(model.stem[0]) is nn.Conv2d
         # same Parameter object, so the optimizer updated it
         assert model.body[0].weight is body_weight
-        assert not torch.equal(body_weight, model.body[0].weight.new_zeros(1))
+        assert not torch.allclose(body_weight, body_before)
         for key, value in model.stem.state_dict().items():
             assert torch.equal(value, stem_before[key]), key
         assert not model.stem[1].training  # frozen BN kept in eval mode
@@ -104,6 +105,10 @@ class TestGradientFilterHook(RunnerTestCase):
                             f'{runner.timestamp}.log')).read()
         assert 'Gradient filter on 2 conv(s)' in log
         assert 'body.0' in log and 'Trainable parameters: 618 / 858' in log
+        # stem is frozen (its BatchNorm kept in eval), body and head train
+        assert 'Trained modules: body, head\n' in log
+        assert 'Frozen BatchNorms in eval mode (running statistics fixed): 1' \
+            in log
 
     def test_resume_continues_exactly(self):
         cfg = copy.deepcopy(self.iter_based_cfg)
