@@ -6,9 +6,9 @@ the patch grid, where the convolution becomes small:
 
 * input blocks of ``(r*s) x (r*s)`` pixels lie under each output patch (stride
   ``s``); the layer saves only their means, ``1/(r*s)^2`` of the input;
-* the kernel on the patch grid is the spatially summed kernel (a 1x1 conv) when
-  the dilation is smaller than a block, and the kernel itself at dilation
-  ``round(d / (r*s))`` otherwise (ASPP);
+* the kernel on the patch grid is, per axis, summed over its taps when the
+  dilation is smaller than a block (both axes: a 1x1 conv), and the kernel
+  itself at dilation ``round(d / (r*s))`` otherwise (ASPP);
 * with patch gradient sums ``G`` and block means ``X``: ``dW = sum G * X`` (the
   same for every tap of the summed kernel), ``dx`` of a pixel is its block's
   share of ``W~^T G``, and the bias gradient is exact.
@@ -21,6 +21,10 @@ corner and the last ones are partial (means over their valid pixels). Where a
 conv without "same" padding gives the two grids different sizes, the input grid
 is cropped or zero-padded at its bottom/right to match; input pixels cut off that
 way get no gradient.
+
+The memory-bound steps (block sums, the broadcast back to pixels, the tap sums)
+go through :func:`.backend.select`: fused kernels where they take the tensor,
+the pure-PyTorch :mod:`.reference` elsewhere.
 """
 import functools
 from typing import Optional, Tuple
@@ -30,74 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import cpu_kernels, triton_kernels
+from .backend import select
+from .reference import fit, grid_dtype, patch_grid_size
+
+__all__ = [
+    'GradFilterConv2dFunction', 'GridConv', 'grad_filter_conv2d', 'grid_conv',
+    'grid_dtype', 'patch_grid_size', 'pool_blocks', 'sum_patches'
+]
 
 IntPair = Tuple[int, int]
-
-
-def patch_grid_size(size: int, block: int) -> int:
-    """Number of blocks of ``block`` pixels tiling ``size`` pixels."""
-    return -(-size // block)
-
-
-def _window(x: Tensor, block: IntPair) -> IntPair:
-    """Pooling window: the block, or the whole dim where it is smaller."""
-    return tuple(min(b, n) for b, n in zip(block, x.shape[-2:]))
-
-
-def grid_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Grid computations of 16-bit tensors run in float32.
-
-    Patch sums are ``r^2`` times larger than single gradients, so fp16 (with
-    loss scaling) would overflow them long before the conv's own gradients.
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _block_sums(x: Tensor, block: IntPair, dtype: torch.dtype,
-                scale: float) -> Optional[Tensor]:
-    """``scale`` times the sums over ``block`` tiles when they tile ``x``
-    exactly, else None.
-
-    Rows first: the inner loop then runs over whole contiguous rows, which is
-    several times faster on CPU than ``avg_pool2d``'s window loop; the short
-    runs of ``block[1]`` columns are then summed (and scaled) as a
-    matrix-vector product, which CPU BLAS does about 3x faster than a
-    reduction over a size-4 dim.
-    """
-    n, c, h, w = x.shape
-    if h % block[0] or w % block[1] or not x.is_contiguous():
-        return None
-    rows = x.view(n, c, h // block[0], block[0], w).sum(3, dtype=dtype)
-    sums = rows.view(-1, block[1]) @ rows.new_full((block[1], ), scale)
-    return sums.view(n, c, h // block[0], w // block[1])
-
-
-def fused_kernels(x: Tensor):
-    """The fused kernels (Triton on CUDA, C++ on CPU) that can take ``x``, or
-    None for the pure-PyTorch reference below."""
-    for kernels in (triton_kernels, cpu_kernels):
-        if kernels.available(x):
-            return kernels
-    return None
-
-
-def _reduce_blocks(x: Tensor, block: IntPair, mean: bool,
-                   dtype: torch.dtype) -> Tensor:
-    """Sums (or means) of ``x`` over ``block`` tiles, partial last tiles
-    included (means over their pixels), accumulated in :func:`grid_dtype`
-    and returned in ``dtype``."""
-    fused = fused_kernels(x)
-    if fused is not None:
-        return fused.block_reduce(x, block, mean=mean, dtype=dtype)
-    acc = grid_dtype(x.dtype)
-    scale = 1 / (block[0] * block[1]) if mean else 1.0
-    out = _block_sums(x, block, acc, scale)
-    if out is None:
-        out = F.avg_pool2d(x.to(acc), _window(x, block), block,
-                           ceil_mode=True,
-                           divisor_override=None if mean else 1)
-    return out.to(dtype)
 
 
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
@@ -105,66 +50,14 @@ def pool_blocks(x: Tensor, block: IntPair) -> Tensor:
 
     Accumulates in :func:`grid_dtype`, returns ``x``'s dtype.
     """
-    return _reduce_blocks(x, block, mean=True, dtype=x.dtype)
+    return select(x).block_reduce(x, block, mean=True, dtype=x.dtype)
 
 
 def sum_patches(x: Tensor, patch: IntPair) -> Tensor:
     """Sum of ``x`` over ``patch`` tiles (partial last tiles included), in
     :func:`grid_dtype`."""
-    return _reduce_blocks(x, patch, mean=False, dtype=grid_dtype(x.dtype))
-
-
-def _fit(x: Tensor, size: IntPair) -> Tensor:
-    """Crop or zero-pad the last two dims of ``x`` at the bottom/right to ``size``."""
-    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
-    if dh == 0 and dw == 0:
-        return x
-    return F.pad(x, (0, dw, 0, dh))
-
-
-@functools.lru_cache(maxsize=256)
-def _spread_matrix(block: IntPair, width: int, dtype: torch.dtype,
-                   device: torch.device) -> Tensor:
-    """``(Wb, width)`` matrix that widens a grid row to a pixel row (cached).
-
-    Column ``w`` holds ``1 / (block[0] * count)`` in the row of its block,
-    ``count`` being the block's pixels along the row; a partial last block
-    row is rescaled by the caller.
-    """
-    cells = torch.arange(width, device=device) // block[1]
-    counts = (width - cells * block[1]).clamp(max=block[1])
-    matrix = torch.zeros(patch_grid_size(width, block[1]), width, dtype=dtype,
-                         device=device)
-    matrix[cells, torch.arange(width, device=device)] = 1 / (
-        block[0] * counts.to(dtype))
-    return matrix
-
-
-def broadcast_blocks(grid: Tensor, block: IntPair, size: IntPair,
-                     dtype: torch.dtype) -> Tensor:
-    """Every pixel of ``size`` gets its grid cell divided by the cell's pixels.
-
-    ``grid`` may have fewer cells than the blocks tiling ``size`` (pixels of
-    the missing blocks get zero) or more (the extra cells are ignored). Grid
-    rows are widened to pixel rows by one matrix product (the division
-    included), then each is copied ``block[0]`` times as a whole row: no copy
-    runs over ``block[1]``-element pieces. The result has ``dtype``.
-    """
-    grid = _fit(grid, tuple(patch_grid_size(n, b) for n, b in zip(size, block)))
-    n, c, hg, wg = grid.shape
-    height, width = size
-    wide = grid.reshape(-1, wg) @ _spread_matrix(block, width, grid.dtype,
-                                                 grid.device)
-    wide = wide.view(n, c, hg, 1, width)
-    full = height // block[0]
-    out = grid.new_empty(n, c, height, width, dtype=dtype)
-    out[:, :, :full * block[0]].view(n, c, full, block[0], width).copy_(
-        wide[:, :, :full].expand(n, c, full, block[0], width))
-    if full < hg:
-        rest = height - full * block[0]
-        out[:, :, full * block[0]:].copy_(
-            wide[:, :, full] * (block[0] / rest))
-    return out
+    return select(x).block_reduce(x, patch, mean=False,
+                                  dtype=grid_dtype(x.dtype))
 
 
 def _batch_summed_products(g: Tensor, x: Tensor) -> Tensor:
@@ -202,9 +95,7 @@ class GridConv:
         dims = [d for d, m in zip((2, 3), self.dilation) if not m]
         if weight.shape[2:] == (1, 1) or not dims:
             return weight
-        if len(dims) == 2 and cpu_kernels.available(weight):
-            return cpu_kernels.sum_taps(weight)
-        return weight.sum(dims, keepdim=True)
+        return select(weight).sum_taps(weight, dims)
 
     def input_size(self, out_size: IntPair) -> IntPair:
         """Grid input size whose stride-1 conv gives ``out_size``."""
@@ -243,9 +134,7 @@ class GridConv:
                 tuple(max(m, 1) for m in self.dilation), False, (0, 0), groups,
                 (need_x, need_w, False))
         if gw is not None and gw.shape != weight.shape:
-            gw = (cpu_kernels.repeat_taps(gw, weight.shape)
-                  if cpu_kernels.available(gw) else
-                  gw.expand_as(weight).contiguous())
+            gw = select(gw).repeat_taps(gw, weight.shape)
         return gx, gw
 
 
@@ -291,16 +180,14 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                 x_grid = g.new_empty(g.shape[0], weight.shape[1] * ctx.groups,
                                      *fit_size)
             else:
-                x_grid = _fit(pooled.to(g.dtype), fit_size)
+                x_grid = fit(pooled.to(g.dtype), fit_size)
             gx, grad_w = grid.backward(g, x_grid, weight.to(g.dtype),
                                        ctx.groups, need_x, need_w)
             if grad_w is not None:
                 grad_w = grad_w.to(weight.dtype)
             if need_x:
-                fused = fused_kernels(gx)
-                spread = broadcast_blocks if fused is None else (
-                    fused.broadcast_blocks)
-                grad_x = spread(gx, grid.block, ctx.in_size, ctx.x_dtype)
+                grad_x = select(gx).broadcast_blocks(gx, grid.block,
+                                                     ctx.in_size, ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -322,7 +209,8 @@ def grad_filter_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
     Returns:
         Tensor: Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation,
-        groups)``; under autocast, in the autocast dtype as ``F.conv2d``.
+        groups)``; under autocast, in the autocast dtype as ``F.conv2d``. An
+        empty input or kernel takes ``F.conv2d``'s backward (zero gradients).
     """
     stride, padding, dilation, radius = map(_pair,
                                             (stride, padding, dilation, radius))
@@ -338,7 +226,9 @@ def grad_filter_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))
-    if not needs_grad:
+    # an empty batch (or kernel) has no patches: its gradients, filtered or
+    # exact, are empty or zero, which F.conv2d's autograd gives
+    if not needs_grad or x.numel() == 0 or weight.numel() == 0:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return GradFilterConv2dFunction.apply(x, weight, bias, stride, padding,
                                           dilation, groups, radius)

@@ -7,15 +7,25 @@ each block's pixel count). Each program handles ``BLOCK`` consecutive
 elements of the flattened output, so small feature maps keep every lane busy;
 sizes are compile-time constants (one compilation per layer shape), which
 turns the index arithmetic into multiplications and shifts.
-The grid matrix products stay in cuBLAS/cuDNN. :func:`available` says whether
-a tensor can take these paths; everything else uses the pure-PyTorch
-reference in :mod:`.grad_filter_conv`.
+Blocks may be rectangular (radius or stride pairs): the two sides are
+separate constants. The grid matrix products stay in cuBLAS/cuDNN, and so do
+the sums over a kernel's taps (:func:`sum_taps`, :func:`repeat_taps`, the
+reference's: a kernel is small). :func:`available` says whether a tensor can
+take these paths; everything else uses :mod:`.reference`. Together they are a
+:class:`.backend.Backend`.
 """
 import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .reference import repeat_taps, sum_taps
+
+__all__ = [
+    'ENABLED', 'available', 'block_reduce', 'broadcast_blocks', 'repeat_taps',
+    'sum_taps'
+]
 
 try:
     import triton

@@ -1,22 +1,26 @@
 """The C++ fast path on CPU gives the pure-PyTorch reference's results."""
-import logging
 import os
+import os.path as osp
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmgradfilt.ops import cpu_kernels, grad_filter_conv2d
-from mmgradfilt.ops import grad_filter_conv as reference
+from mmgradfilt.ops import reference
+from op_cases import OP_CASES, OP_SIZES
 
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(torch.zeros(1, 1, 1, 1)),
     reason='the C++ kernels could not be compiled here')
 
 SIZES = [(16, 16), (17, 23), (3, 5), (64, 61)]
-BLOCKS = [(2, 2), (4, 4), (3, 6), (8, 8), (5, 5)]  # (5, 5): a runtime width
+# (5, 5): a runtime width; (1, 4), (8, 2): radius or stride pairs
+BLOCKS = [(2, 2), (4, 4), (3, 6), (8, 8), (5, 5), (1, 4), (8, 2)]
 
 
 @needs_kernels
@@ -64,30 +68,39 @@ def test_broadcast_matches_reference(size, block, grid_delta, grid_dtype,
 
 @needs_kernels
 @pytest.mark.parametrize('kernel', [(3, 3), (5, 5), (1, 3), (7, 7), (2, 4)])
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_tap_sum_and_repeat(kernel, dtype):
-    weight = torch.randn(6, 4, *kernel, dtype=dtype)
-    summed = cpu_kernels.sum_taps(weight)
-    torch.testing.assert_close(summed, weight.sum((2, 3), keepdim=True))
+@pytest.mark.parametrize('dims', [(2, 3), (2, ), (3, )])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
+                                   torch.bfloat16])
+def test_tap_sum_and_repeat(kernel, dims, dtype):
+    """Both axes summed (the usual grid kernel) or one (a dilated axis keeps
+    its taps, e.g. dilation (1, 8) with radius 4)."""
+    weight = torch.randn(6, 4, *kernel, dtype=torch.float64).to(dtype)
+    summed = cpu_kernels.sum_taps(weight, dims)
+    want = reference.sum_taps(weight.double(), dims)
+    assert summed.dtype == dtype and summed.shape == want.shape
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(summed.double(), want, rtol=tol, atol=tol)
     repeated = cpu_kernels.repeat_taps(summed, weight.shape)
-    assert torch.equal(repeated, summed.expand_as(weight))
+    assert torch.equal(repeated, reference.repeat_taps(summed, weight.shape))
 
 
 @needs_kernels
-@pytest.mark.parametrize('kwargs', [
-    dict(padding=(1, 1)),
-    dict(stride=(2, 2), padding=(1, 1)),
-    dict(padding=(12, 12), dilation=(12, 12), radius=(3, 3)),
-    dict(padding=(1, 1), groups=8),
-    dict(padding=(0, 0), radius=(5, 5)),
-])
+def test_repeat_taps_refuses_what_does_not_broadcast():
+    with pytest.raises(RuntimeError, match='does not broadcast'):
+        cpu_kernels.repeat_taps(torch.zeros(6, 4, 2, 1), (6, 4, 3, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize('kwargs', OP_CASES)
+@pytest.mark.parametrize('size', OP_SIZES)
 @pytest.mark.parametrize('threads', [1, 2])
-def test_op_same_with_and_without_kernels(monkeypatch, kwargs, threads):
+def test_op_same_with_and_without_kernels(monkeypatch, kwargs, size,
+                                          threads):
     torch.manual_seed(0)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     groups = kwargs.get('groups', 1)
-    x = torch.randn(2, 8, 37, 45, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(8, 8 // groups, 3, 3, dtype=torch.float64,
                          requires_grad=True)
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
@@ -104,28 +117,123 @@ def test_op_same_with_and_without_kernels(monkeypatch, kwargs, threads):
         torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_falls_back_to_reference_when_compiling_fails(monkeypatch):
+@needs_kernels
+def test_kernels_take_an_empty_batch():
+    x = torch.randn(0, 3, 8, 8)
+    for mean in (True, False):
+        out = cpu_kernels.block_reduce(x, (4, 2), mean, torch.float32)
+        assert out.shape == (0, 3, 2, 4)
+    grid = torch.randn(0, 3, 2, 4)
+    out = cpu_kernels.broadcast_blocks(grid, (4, 2), (8, 8), torch.float32)
+    assert out.shape == (0, 3, 8, 8)
+
+
+def test_falls_back_to_reference_when_compiling_fails(monkeypatch,
+                                                      tmp_path):
     from torch.utils import cpp_extension
 
     def fail(*args, **kwargs):
         raise RuntimeError('no C++ compiler')
 
+    # no cached build, so loading compiles, which fails
+    monkeypatch.setattr(cpu_kernels, 'library_path',
+                        lambda: str(tmp_path / 'mmgradfilt_cpu_x.so'))
     monkeypatch.setattr(cpp_extension, 'load', fail)
     monkeypatch.setattr(cpu_kernels, 'loaded',
                         cpu_kernels.loaded.__wrapped__)
-    logged = []
-    monkeypatch.setattr(cpu_kernels, 'print_log',
-                        lambda msg, **kwargs: logged.append((msg, kwargs)))
-    assert not cpu_kernels.available(torch.zeros(1, 1, 4, 4))
-    msg, kwargs = logged[-1]
-    assert 'CPU kernels unavailable (no C++ compiler)' in msg
-    assert kwargs['level'] == logging.WARNING
+    with pytest.warns(UserWarning,
+                      match=r'CPU kernels unavailable \(no C\+\+ compiler\)'):
+        assert not cpu_kernels.available(torch.zeros(1, 1, 4, 4))
+    monkeypatch.setattr(cpu_kernels, 'loaded', lambda: False)
     x = torch.randn(1, 2, 8, 8, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, requires_grad=True)
     out = grad_filter_conv2d(x, weight, padding=1, radius=4)
     out.sum().backward()
     want = weight.sum((0, 2, 3))[None, :, None, None].expand_as(x)
     torch.testing.assert_close(x.grad, want)
+
+
+@needs_kernels
+def test_cached_kernels_load_without_a_compile_message(caplog):
+    """The compile message is printed only when a compile happens."""
+    assert osp.exists(cpu_kernels.library_path())
+    with caplog.at_level('INFO', logger='mmgradfilt'):
+        assert cpu_kernels.loaded.__wrapped__()
+    assert [r for r in caplog.records if r.name.startswith('mmgradfilt')] == []
+
+
+def test_build_name_follows_the_source(monkeypatch, tmp_path):
+    """A changed source gets a build of its own, never an older library."""
+    source = tmp_path / 'kernels.cpp'
+    source.write_text('// one')
+    monkeypatch.setattr(cpu_kernels, '_SOURCE', str(source))
+    first = cpu_kernels._build_name()
+    assert first == cpu_kernels._build_name()
+    source.write_text('// two')
+    assert cpu_kernels._build_name() != first
+
+
+LOAD = ('from mmgradfilt.ops import cpu_kernels; '
+        'print("loaded", cpu_kernels.loaded())')
+
+
+def _wait_for(path, text, timeout):
+    """Wait until the file at ``path`` contains ``text``; its content."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.exists() else ''
+        if text in content:
+            return content
+        time.sleep(0.2)
+    raise AssertionError(f'no {text!r} in {path} after {timeout} s: '
+                         f'{content[-2000:]}')
+
+
+@needs_kernels
+def test_stale_build_lock_is_removed_and_the_build_proceeds(tmp_path):
+    """An interrupted build's lock file: a later load waits while a live
+    process holds the build, then says what it removes and builds.
+
+    The cached build is copied without its library into a fresh
+    ``TORCH_EXTENSIONS_DIR``, so the build is a link (seconds), not a
+    compile (a minute).
+    """
+    fcntl = pytest.importorskip('fcntl')
+    cached = osp.dirname(cpu_kernels.library_path())
+    build_dir = tmp_path / osp.basename(cached)
+    shutil.copytree(cached, build_dir, ignore=shutil.ignore_patterns(
+        '*.so', 'lock', '*.lock'))
+    stale = build_dir / 'lock'  # as torch's FileBaton leaves it: empty
+    stale.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    log = tmp_path / 'stderr.txt'
+    with open(build_dir / 'mmgradfilt_build.lock', 'a') as held, \
+            open(log, 'w') as err:
+        # a live build holds the lock: the stale-looking file is left alone
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, '-c', LOAD], env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            _wait_for(log, 'waiting for another process to compile', 120)
+            assert stale.exists()
+            fcntl.flock(held, fcntl.LOCK_UN)
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert 'loaded True' in out
+    assert f'removing the stale build lock {stale}' in err
+    assert 'compiling the CPU kernels' in err
+    assert not stale.exists()
+    assert (build_dir / (build_dir.name + '.so')).exists()
+    # the next process loads the build at once, and says nothing
+    proc = subprocess.run([sys.executable, '-c', LOAD], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert 'loaded True' in proc.stdout, proc.stderr[-3000:]
+    assert 'compiling' not in proc.stderr and 'stale' not in proc.stderr
 
 
 def test_environment_variable_turns_kernels_off():

@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
-from mmgradfilt.ops import grad_filter_conv2d
-from mmgradfilt.ops import grad_filter_conv
+from mmgradfilt.ops import (backend, cpu_kernels, grad_filter_conv,
+                            grad_filter_conv2d, reference, triton_kernels)
 from mmgradfilt.ops.grad_filter_conv import GradFilterConv2dFunction
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
@@ -24,7 +25,9 @@ def smooth_field(n, c, h, w, seed, dtype=torch.float64, device='cpu'):
 
 
 def paper_reference(x, weight, grad_out, r, groups):
-    """The paper's equations, stride 1, patch by patch, with plain loops."""
+    """The paper's equations, stride 1, patch by patch, with plain loops;
+    ``r`` an int or an ``(rh, rw)`` pair (rectangular patches)."""
+    rh, rw = _pair(r)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     per_group = c_in // groups
@@ -35,12 +38,12 @@ def paper_reference(x, weight, grad_out, r, groups):
         w_sum[co, g0:g0 + per_group] = weight[co].sum((1, 2))
     grad_x = torch.zeros_like(x)
     grad_w_sum = torch.zeros(c_out, c_in, dtype=x.dtype)
-    for i in range(0, h, r):
-        for j in range(0, w, r):
-            g_p = grad_out[:, :, i:i + r, j:j + r].mean((2, 3))  # (n, c_out)
-            x_p = x[:, :, i:i + r, j:j + r].sum((2, 3))  # (n, c_in)
+    for i in range(0, h, rh):
+        for j in range(0, w, rw):
+            g_p = grad_out[:, :, i:i + rh, j:j + rw].mean((2, 3))  # (n, c_out)
+            x_p = x[:, :, i:i + rh, j:j + rw].sum((2, 3))  # (n, c_in)
             grad_w_sum += g_p.T @ x_p
-            grad_x[:, :, i:i + r, j:j + r] = (g_p @ w_sum)[:, :, None, None]
+            grad_x[:, :, i:i + rh, j:j + rw] = (g_p @ w_sum)[:, :, None, None]
     grad_w = torch.stack([
         grad_w_sum[co, co // (c_out // groups) * per_group:][:per_group]
         for co in range(c_out)
@@ -49,13 +52,14 @@ def paper_reference(x, weight, grad_out, r, groups):
 
 
 def run_both(x, weight, bias, grad_out, stride, padding, dilation, groups, r):
-    """Exact autograd gradients and filtered ones for the same conv."""
-    args = ((stride, ) * 2, (padding, ) * 2, (dilation, ) * 2, groups)
+    """Exact autograd gradients and filtered ones for the same conv; each of
+    stride, padding, dilation and r an int or a pair."""
+    args = (*map(_pair, (stride, padding, dilation)), groups)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
     exact_out = F.conv2d(*leaves, *args)
     exact = torch.autograd.grad(exact_out, leaves, grad_out)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    filt_out = grad_filter_conv2d(*leaves, *args, radius=(r, r))
+    filt_out = grad_filter_conv2d(*leaves, *args, radius=_pair(r))
     filt = torch.autograd.grad(filt_out, leaves, grad_out)
     return exact_out, filt_out, exact, filt
 
@@ -63,7 +67,8 @@ def run_both(x, weight, bias, grad_out, stride, padding, dilation, groups, r):
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('groups,c_in,c_out', [(1, 3, 5), (4, 4, 8),
                                                (6, 6, 6)])
-@pytest.mark.parametrize('kernel,r', [(3, 2), (3, 4), (1, 4), (5, 4)])
+@pytest.mark.parametrize('kernel,r', [(3, 2), (3, 4), (1, 4), (5, 4),
+                                      (3, (2, 4)), (5, (4, 2))])
 def test_matches_paper_equations_stride1(device, groups, c_in, c_out, kernel,
                                          r):
     torch.manual_seed(0)
@@ -138,20 +143,25 @@ def test_stride_scale_is_one_over_s_squared():
     torch.testing.assert_close(filt[0][0, 0, 0, 0], weight.sum() / 4)
 
 
-def test_dilated_variant_exact_for_patchwise_constant_gradient():
-    """With d = m * r and g constant on r x r patches, ASPP's grid conv is exact."""
+@pytest.mark.parametrize('r,d', [((3, 3), (12, 12)), ((3, 3), (6, 12)),
+                                 ((2, 4), (8, 8)), ((2, 3), (4, 12))])
+def test_dilated_variant_exact_for_patchwise_constant_gradient(r, d):
+    """With d = m * r (per axis) and g constant on r x r patches, ASPP's grid
+    conv is exact; pairs of radii and dilations included."""
     torch.manual_seed(0)
-    r, d = 3, 12
     x = torch.randn(2, 4, 36, 36, dtype=torch.float64)
     weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
-    coarse = torch.randn(2, 5, 12, 12, dtype=torch.float64)
-    grad_out = coarse.repeat_interleave(r, 2).repeat_interleave(r, 3)
+    coarse = torch.randn(2, 5, 36 // r[0], 36 // r[1], dtype=torch.float64)
+    grad_out = coarse.repeat_interleave(r[0], 2).repeat_interleave(r[1], 3)
     _, _, exact, filt = run_both(x, weight, torch.zeros(5, dtype=x.dtype),
                                  grad_out, 1, d, d, 1, r)
     torch.testing.assert_close(filt[1], exact[1], rtol=1e-10, atol=1e-10)
     # the input gradient is exact up to its mean over each r x r block
-    torch.testing.assert_close(filt[0], F.interpolate(
-        F.avg_pool2d(exact[0], r), scale_factor=r), rtol=1e-10, atol=1e-10)
+    block_means = F.avg_pool2d(exact[0], r)
+    torch.testing.assert_close(
+        filt[0],
+        block_means.repeat_interleave(r[0], 2).repeat_interleave(r[1], 3),
+        rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -309,26 +319,69 @@ def loop_broadcast(grid, block, size):
 
 
 @pytest.mark.parametrize('size,block', [((16, 16), (4, 4)), ((17, 23), (3, 6)),
-                                        ((3, 5), (8, 8)), ((10, 9), (4, 2))])
+                                        ((3, 5), (8, 8)), ((10, 9), (4, 2)),
+                                        ((12, 16), (1, 4))])
 @pytest.mark.parametrize('grid_delta', [0, -1, 1])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_reference_broadcast_matches_loops(size, block, grid_delta, dtype):
     cells = [max(-(-n // b) + grid_delta, 1) for n, b in zip(size, block)]
     grid = torch.randn(2, 3, *cells, dtype=torch.float64)
-    got = grad_filter_conv.broadcast_blocks(grid, block, size, dtype)
+    got = reference.broadcast_blocks(grid, block, size, dtype)
     assert got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, loop_broadcast(grid, block, size).to(dtype))
 
 
 @pytest.mark.parametrize('size,block', [((16, 16), (4, 4)), ((17, 23), (3, 6)),
-                                        ((3, 5), (8, 8))])
+                                        ((3, 5), (8, 8)), ((16, 24), (2, 8)),
+                                        ((12, 8), (1, 4))])
 def test_reference_pooling_matches_loops(size, block):
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    sums = grad_filter_conv.sum_patches(x, block)
-    means = grad_filter_conv.pool_blocks(x, block)
+    sums = reference.block_reduce(x, block, mean=False, dtype=x.dtype)
+    means = reference.block_reduce(x, block, mean=True, dtype=x.dtype)
     for i in range(sums.shape[2]):
         for j in range(sums.shape[3]):
             tile = x[:, :, i * block[0]:(i + 1) * block[0],
                      j * block[1]:(j + 1) * block[1]]
             torch.testing.assert_close(sums[:, :, i, j], tile.sum((2, 3)))
             torch.testing.assert_close(means[:, :, i, j], tile.mean((2, 3)))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('kwargs', [
+    dict(padding=1),
+    dict(padding=(1, 8), dilation=(1, 8), radius=4),
+    dict(stride=2, padding=1, radius=(2, 8), groups=4),
+])
+@pytest.mark.parametrize('x_grad', [True, False])
+def test_empty_batch_matches_exact_autograd(device, kwargs, x_grad):
+    """No samples, no patches: an empty output and gradients as
+    ``F.conv2d``'s (empty for the input, zero for weight and bias)."""
+    kwargs = dict(kwargs)
+    radius = kwargs.pop('radius', 4)
+    groups = kwargs.get('groups', 1)
+    x = torch.randn(0, 8, 16, 16, dtype=torch.float64, device=device)
+    weight = torch.randn(6 * groups, 8 // groups, 3, 3, dtype=torch.float64,
+                         device=device)
+    bias = torch.randn(6 * groups, dtype=torch.float64, device=device)
+
+    def grads(conv, **extra):
+        leaves = [x.clone().requires_grad_(x_grad),
+                  weight.clone().requires_grad_(),
+                  bias.clone().requires_grad_()]
+        out = conv(*leaves, **kwargs, **extra)
+        wanted = [t for t in leaves if t.requires_grad]
+        return out, torch.autograd.grad(out.square().sum(), wanted)
+
+    exact_out, exact = grads(F.conv2d)
+    filt_out, filt = grads(grad_filter_conv2d, radius=radius)
+    assert filt_out.shape == exact_out.shape and filt_out.numel() == 0
+    for got, want in zip(filt, exact):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_backends_implement_the_interface():
+    for module in (reference, cpu_kernels, triton_kernels):
+        assert isinstance(module, backend.Backend), module.__name__
+    # what no fused backend takes (here an integer tensor) takes the reference
+    assert backend.select(torch.zeros(1, 1, 4, 4, dtype=torch.int64)) is (
+        reference)

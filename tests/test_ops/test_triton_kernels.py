@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from mmgradfilt.ops import grad_filter_conv as reference
-from mmgradfilt.ops import grad_filter_conv2d, triton_kernels
+from mmgradfilt.ops import grad_filter_conv2d, reference, triton_kernels
+from op_cases import OP_CASES, OP_SIZES
 
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_kernels.ENABLED),
@@ -18,7 +18,8 @@ SIZES = [(16, 16), (17, 23), (3, 5), (64, 61)]
 
 @needs_gpu
 @pytest.mark.parametrize('size', SIZES)
-@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6), (8, 8)])
+@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6), (8, 8), (1, 4),
+                                   (8, 2)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_block_reduce_matches_pooling(size, block, dtype):
     x = torch.randn(2, 3, *size, device='cuda', dtype=dtype)
@@ -40,7 +41,7 @@ def test_block_reduce_matches_pooling(size, block, dtype):
 
 @needs_gpu
 @pytest.mark.parametrize('size', SIZES)
-@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6)])
+@pytest.mark.parametrize('block', [(2, 2), (4, 4), (3, 6), (1, 4), (8, 2)])
 @pytest.mark.parametrize('grid_delta', [0, -1, 1])
 def test_broadcast_matches_reference(size, block, grid_delta):
     cells = [max(-(-n // b) + grid_delta, 1) for n, b in zip(size, block)]
@@ -51,16 +52,12 @@ def test_broadcast_matches_reference(size, block, grid_delta):
 
 
 @needs_gpu
-@pytest.mark.parametrize('kwargs', [
-    dict(padding=(1, 1)),
-    dict(stride=(2, 2), padding=(1, 1)),
-    dict(padding=(12, 12), dilation=(12, 12), radius=(3, 3)),
-    dict(padding=(1, 1), groups=8),
-])
-def test_op_same_with_and_without_triton(monkeypatch, kwargs):
+@pytest.mark.parametrize('kwargs', OP_CASES)
+@pytest.mark.parametrize('size', OP_SIZES)
+def test_op_same_with_and_without_triton(monkeypatch, kwargs, size):
     torch.manual_seed(0)
     groups = kwargs.get('groups', 1)
-    x = torch.randn(2, 8, 37, 45, device='cuda', requires_grad=True)
+    x = torch.randn(2, 8, *size, device='cuda', requires_grad=True)
     weight = torch.randn(8, 8 // groups, 3, 3, device='cuda',
                          requires_grad=True)
     bias = torch.randn(8, device='cuda', requires_grad=True)
@@ -74,11 +71,22 @@ def test_op_same_with_and_without_triton(monkeypatch, kwargs):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 
+@needs_gpu
+def test_kernels_take_an_empty_batch():
+    x = torch.randn(0, 3, 8, 8, device='cuda')
+    out = triton_kernels.block_reduce(x, (4, 2), True, torch.float32)
+    assert out.shape == (0, 3, 2, 4)
+    grid = torch.randn(0, 3, 2, 4, device='cuda')
+    out = triton_kernels.broadcast_blocks(grid, (4, 2), (8, 8), torch.float32)
+    assert out.shape == (0, 3, 8, 8)
+
+
 INTERPRETED = r'''
 import torch, torch.nn.functional as F
-from mmgradfilt.ops import grad_filter_conv as ref
+from mmgradfilt.ops import reference as ref
 from mmgradfilt.ops import triton_kernels as tk
-for size, block in [((16, 16), (4, 4)), ((17, 23), (3, 6)), ((3, 5), (8, 8))]:
+for size, block in [((16, 16), (4, 4)), ((17, 23), (3, 6)), ((3, 5), (8, 8)),
+                    ((16, 24), (1, 4)), ((17, 23), (8, 2))]:
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(2, 3, *size).to(dtype)
         win = tuple(min(b, n) for b, n in zip(block, size))

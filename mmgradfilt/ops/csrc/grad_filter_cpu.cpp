@@ -1,11 +1,11 @@
 // CPU kernels for the filtered conv's memory-bound steps: block sums and
 // means, the broadcast of grid gradients back to pixels, the sum over a
-// kernel's taps and its inverse. Each is one pass over the full-size tensor,
-// parallel over channel planes (or filters), with inner loops the compiler
-// vectorizes: block widths are compile-time constants for the usual sizes, so
-// runs of b1 pixels become interleaved vector loads and stores rather than
-// short loops. Registered as torch.ops.mmgradfilt.*; the pure-PyTorch
-// reference in grad_filter_conv.py gives the same results.
+// kernel's taps (both axes, or one) and its inverse. Each is one pass over
+// the full-size tensor, parallel over channel planes (or filters), with inner
+// loops the compiler vectorizes: block widths are compile-time constants for
+// the usual sizes, so runs of b1 pixels become interleaved vector loads and
+// stores rather than short loops. Registered as torch.ops.mmgradfilt.*; the
+// pure-PyTorch reference in reference.py gives the same results.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -43,6 +43,12 @@ void with_run(int64_t b1, F&& f) {
 
 int64_t cells(int64_t size, int64_t block) { return (size + block - 1) / block; }
 
+// Grain of a parallel loop over items of `size` elements; empty items (an
+// empty map) must not divide by zero.
+int64_t grain(int64_t size) {
+  return 1 + kGrainElements / std::max<int64_t>(size, 1);
+}
+
 // Sums (or means) of x over b0 x b1 tiles, partial last tiles included: each
 // block row is summed into a row buffer, then its b1-pixel runs are summed.
 // Square blocks also take b0 as a constant (R0), so that the rows of a block
@@ -59,7 +65,7 @@ void block_reduce_impl(const at::Tensor& x, at::Tensor& out,
   const int64_t HB = out.size(2), WB = out.size(3), full = W / b1;
   const scalar_t* src = x.data_ptr<scalar_t>();
   out_t* dst = out.data_ptr<out_t>();
-  at::parallel_for(0, x.size(0) * x.size(1), 1 + kGrainElements / (H * W),
+  at::parallel_for(0, x.size(0) * x.size(1), grain(H * W),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(W);
     acc_t* row = buffer.data();
@@ -113,7 +119,7 @@ void broadcast_impl(const at::Tensor& grid, at::Tensor& out, int64_t b0,
   const int64_t WB = cells(W, b1), full = std::min(W / b1, WG);
   const grid_t* src = grid.data_ptr<grid_t>();
   out_t* dst = out.data_ptr<out_t>();
-  at::parallel_for(0, out.size(0) * out.size(1), 1 + kGrainElements / (H * W),
+  at::parallel_for(0, out.size(0) * out.size(1), grain(H * W),
                    [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       out_t* o = dst + plane * H * W;
@@ -148,16 +154,46 @@ void broadcast_impl(const at::Tensor& grid, at::Tensor& out, int64_t b0,
 template <typename scalar_t, typename R>
 void taps_impl(const scalar_t* src, scalar_t* dst, int64_t filters,
                int64_t taps_runtime, bool sum, R) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t taps = R::value ? R::value : taps_runtime;
-  at::parallel_for(0, filters, 1 + kGrainElements / taps,
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, filters, grain(taps), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       if (sum) {
-        scalar_t s = 0;
+        acc_t s = 0;
         for (int64_t t = 0; t < taps; ++t) s += src[m * taps + t];
-        dst[m] = s;
+        dst[m] = static_cast<scalar_t>(s);
       } else {
         for (int64_t t = 0; t < taps; ++t) dst[m * taps + t] = src[m];
+      }
+    }
+  });
+}
+
+// The same along one axis only (a dilated axis keeps its taps on the grid):
+// `full` is (M, kh, kw), `small` (M, sh, sw) with sh in {1, kh}, sw in {1, kw};
+// sum: small = full summed over the axes where small has one tap, else every
+// tap of full gets its value in small. Kernels are small: plain loops.
+template <typename scalar_t>
+void axis_taps_impl(scalar_t* full, scalar_t* small, int64_t filters,
+                    int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, filters, grain(kh * kw), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      scalar_t* f = full + m * kh * kw;
+      scalar_t* s = small + m * sh * sw;
+      if (sum) {
+        for (int64_t i = 0; i < sh; ++i)
+          for (int64_t j = 0; j < sw; ++j) {
+            acc_t acc = 0;
+            for (int64_t y = sh == 1 ? 0 : i; y < (sh == 1 ? kh : i + 1); ++y)
+              for (int64_t x = sw == 1 ? 0 : j; x < (sw == 1 ? kw : j + 1); ++x)
+                acc += f[y * kw + x];
+            s[i * sw + j] = static_cast<scalar_t>(acc);
+          }
+      } else {
+        for (int64_t y = 0; y < kh; ++y)
+          for (int64_t x = 0; x < kw; ++x)
+            f[y * kw + x] = s[(sh == 1 ? 0 : y) * sw + (sw == 1 ? 0 : x)];
       }
     }
   });
@@ -230,32 +266,54 @@ at::Tensor broadcast_blocks(const at::Tensor& grid, int64_t b0, int64_t b1,
   return out;
 }
 
-at::Tensor sum_taps(const at::Tensor& weight) {
+// weight summed over its taps along the axes asked (keepdim), the full sum
+// (the usual case) at compile-time tap counts.
+at::Tensor sum_taps(const at::Tensor& weight, bool sum_h, bool sum_w) {
   check_input(weight, "weight");
-  auto out = at::empty({weight.size(0), weight.size(1), 1, 1}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sum_taps", [&] {
-    with_taps(weight.size(2) * weight.size(3), [&](auto run) {
-      taps_impl<scalar_t>(weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                          out.numel(), weight.size(2) * weight.size(3), true,
-                          run);
-    });
-  });
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const int64_t sh = sum_h ? 1 : kh, sw = sum_w ? 1 : kw;
+  auto out = at::empty({weight.size(0), weight.size(1), sh, sw},
+                       weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "sum_taps", [&] {
+        scalar_t* src = weight.data_ptr<scalar_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        const int64_t filters = weight.size(0) * weight.size(1);
+        if (sh == 1 && sw == 1)
+          with_taps(kh * kw, [&](auto run) {
+            taps_impl<scalar_t>(src, dst, filters, kh * kw, true, run);
+          });
+        else
+          axis_taps_impl<scalar_t>(src, dst, filters, kh, kw, sh, sw, true);
+      });
   return out;
 }
 
+// The inverse: grad, summed over some tap axes (size 1 there), copied to
+// every tap of `shape` (a broadcast).
 at::Tensor repeat_taps(const at::Tensor& grad, at::IntArrayRef shape) {
   check_input(grad, "grad");
   TORCH_CHECK(shape.size() == 4 && grad.size(0) == shape[0] &&
-                  grad.size(1) == shape[1] && grad.size(2) == 1 &&
-                  grad.size(3) == 1,
-              "grad must be (C_out, C_in, 1, 1) of the kernel's shape");
+                  grad.size(1) == shape[1] &&
+                  (grad.size(2) == 1 || grad.size(2) == shape[2]) &&
+                  (grad.size(3) == 1 || grad.size(3) == shape[3]),
+              "grad ", grad.sizes(), " does not broadcast to ", shape,
+              " over the kernel's taps");
   auto out = at::empty(shape, grad.options());
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "repeat_taps", [&] {
-    with_taps(shape[2] * shape[3], [&](auto run) {
-      taps_impl<scalar_t>(grad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                          grad.numel(), shape[2] * shape[3], false, run);
-    });
-  });
+  const int64_t kh = shape[2], kw = shape[3];
+  const int64_t sh = grad.size(2), sw = grad.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "repeat_taps", [&] {
+        scalar_t* src = grad.data_ptr<scalar_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        const int64_t filters = shape[0] * shape[1];
+        if (sh == 1 && sw == 1)
+          with_taps(kh * kw, [&](auto run) {
+            taps_impl<scalar_t>(src, dst, filters, kh * kw, false, run);
+          });
+        else
+          axis_taps_impl<scalar_t>(dst, src, filters, kh, kw, sh, sw, false);
+      });
   return out;
 }
 
@@ -264,7 +322,7 @@ at::Tensor repeat_taps(const at::Tensor& grad, at::IntArrayRef shape) {
 TORCH_LIBRARY(mmgradfilt, m) {
   m.def("block_reduce(Tensor x, int b0, int b1, bool mean, ScalarType dtype) -> Tensor");
   m.def("broadcast_blocks(Tensor grid, int b0, int b1, int height, int width, ScalarType dtype) -> Tensor");
-  m.def("sum_taps(Tensor weight) -> Tensor");
+  m.def("sum_taps(Tensor weight, bool sum_h, bool sum_w) -> Tensor");
   m.def("repeat_taps(Tensor grad, int[] shape) -> Tensor");
 }
 
