@@ -5,18 +5,24 @@ import glob
 import os.path as osp
 import re
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from mmcv.transforms import Compose
-from mmengine.config import Config, utils
-from mmengine.optim import build_optim_wrapper
-from mmengine.registry import HOOKS, init_default_scope
-from mmpretrain.registry import MODELS
-from mmpretrain.structures import DataSample
 
-from mmgradfilt import GradFilterConv2d
+pytest.importorskip('mmpretrain', reason='the classification configs build '
+                    'MMPretrain models')
+
+import cv2  # noqa: E402
+from mmcv.transforms import Compose  # noqa: E402
+from mmengine.config import Config, utils  # noqa: E402
+from mmengine.optim import build_optim_wrapper  # noqa: E402
+from mmengine.registry import HOOKS, init_default_scope  # noqa: E402
+from mmpretrain.structures import DataSample  # noqa: E402
+
+from mmgradfilt import GradFilterConv2d  # noqa: E402
+from mmgradfilt.benchmark import step  # noqa: E402
+from mmgradfilt.hooks.pretrained_check_hook import (  # noqa: E402
+    CHECKPOINT_HINT, missing_checkpoints_error, pretrained_checkpoints)
 
 CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 CONFIGS = sorted(
@@ -47,15 +53,14 @@ def fast_cpu():
         torch.set_flush_denormal(False)
 
 
-def build_model(cfg, net_config):
+def build_model(cfg):
+    """The config's model with its data preprocessor, as the Runner builds
+    it (random weights); built once per model config."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
-    if model_cfg.backbone.type == 'MCUNet':
-        model_cfg.backbone.net_config = net_config
     key = repr(model_cfg)
     if key not in _models:
-        init_default_scope('mmpretrain')
-        _models[key] = MODELS.build(model_cfg)
+        _models[key] = step.build_model(cfg, model_cfg)
     return copy.deepcopy(_models[key]).train()
 
 
@@ -73,7 +78,7 @@ def test_configs_found():
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
-def test_config(path, mcunet_net_config):
+def test_config(path):
     cfg = Config.fromfile(path)
     name = osp.basename(path)
     variant = VARIANT.search(name)
@@ -94,7 +99,7 @@ def test_config(path, mcunet_net_config):
         pretrain = osp.basename(osp.dirname(cfg.load_from)) + '.py'
         assert osp.isfile(osp.join(osp.dirname(path), pretrain)), pretrain
 
-    model = build_model(cfg, mcunet_net_config)
+    model = build_model(cfg)
     hooks = [h for h in cfg.custom_hooks if h.type == 'GradientFilterHook']
     assert len(hooks) == (kind in ('base', 'filt'))
     for hook in hooks:
@@ -127,6 +132,45 @@ def test_config(path, mcunet_net_config):
     # down below float resolution for some parameters: check the frozen ones
     assert changed and changed <= trainable
 
+
+def test_mcunet_trains_offline(tmp_path, monkeypatch):
+    """An MCUNet config builds with no file at all (its architecture is
+    built in, its weights random) and one step at the model's 96x96 input
+    trains the filtered blocks only; its ImageNet weights stay a local file
+    whose absence the run reports."""
+    monkeypatch.chdir(tmp_path)  # no data/ to read from
+    folder = osp.join(CONFIG_ROOT, 'mcunet')
+    cfg = Config.fromfile(osp.join(
+        folder, 'mcunet-5fps_filt-last2-r4_1xb128-50e_cifar10-user1.py'))
+    model = build_model(cfg)
+    step.gradient_filter_hook(cfg).apply(model)
+    filtered = {n: m for n, m in model.named_modules()
+                if isinstance(m, GradFilterConv2d)}
+    # expand, depthwise and project conv of the last two blocks
+    assert len(filtered) == 6 and all(
+        n.startswith(('backbone.blocks.13.', 'backbone.blocks.12.'))
+        for n in filtered)
+
+    train = step.TrainStep(model, cfg.optim_wrapper,
+                           step.synthetic_batch(cfg, 2, (96, 96)))
+    train.forward()
+    train.backward()
+    for name, conv in filtered.items():
+        grad = conv.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(model.get_parameter(n).grad is None
+                          for n in frozen)
+    before = {n: m.weight.detach().clone() for n, m in filtered.items()}
+    train.optimizer()
+    assert any(not torch.equal(m.weight, before[n])
+               for n, m in filtered.items())
+
+    pretrain = Config.fromfile(osp.join(
+        folder, 'mcunet-5fps_pretrain_1xb128-50e_cifar10-user0.py'))
+    error = missing_checkpoints_error(
+        pretrained_checkpoints(build_model(pretrain)), CHECKPOINT_HINT)
+    assert 'data/pretrained/mcunet-5fps_imagenet.pth' in str(error)
 
 
 @pytest.mark.parametrize('piece, raw_side, side', [

@@ -16,7 +16,7 @@ from mmengine.registry import HOOKS, init_default_scope
 
 from mmgradfilt import GradFilterConv2d, GradientFilterHook
 
-mmseg = pytest.importorskip('mmseg')
+mmseg = pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 SEG_FOLDERS = ('deeplabv3', 'fcn', 'pspnet', 'upernet', 'demo_seg')

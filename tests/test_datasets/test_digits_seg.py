@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-mmseg = pytest.importorskip('mmseg')
+mmseg = pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 from mmgradfilt.datasets import DigitsSegDataset, make_digits_seg  # noqa: E402
 

@@ -1,9 +1,13 @@
 import numpy as np
 import pytest
-from mmengine.registry import DefaultScope
-from mmpretrain.registry import DATASETS
 
-from mmgradfilt.datasets import Digits, UserSplitDataset, make_user_split
+pytest.importorskip('mmpretrain', reason='the datasets are MMPretrain ones')
+
+from mmengine.registry import DefaultScope  # noqa: E402
+from mmpretrain.registry import DATASETS  # noqa: E402
+
+from mmgradfilt.datasets import (Digits, UserSplitDataset,  # noqa: E402
+                                 make_user_split)
 
 
 @pytest.fixture(autouse=True)

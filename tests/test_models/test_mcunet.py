@@ -1,14 +1,106 @@
+import json
+
 import pytest
 import torch
-from mmengine.registry import init_default_scope
-from mmpretrain.registry import MODELS
 
-from mmgradfilt import GradFilterConv2d, install_gradient_filter
-from mmgradfilt.models import MCUNet
+pytest.importorskip('mmpretrain', reason='MCUNet is an MMPretrain backbone')
+
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmpretrain.registry import MODELS  # noqa: E402
+
+from mmgradfilt import GradFilterConv2d, install_gradient_filter  # noqa: E402
+from mmgradfilt.models import MCUNet  # noqa: E402
+from mmgradfilt.models.backbones.mcunet import arch_net_config  # noqa: E402
+
+# MCUNet-5fps as published in the mcunet model zoo (mcunet-in1, net config
+# mcunet-5fps_imagenet.json), per block: hidden (depthwise) channels, output
+# channels, depthwise kernel; the stride-2 blocks and those with an identity
+# shortcut. The first conv is 3x3, stride 2, 16 channels.
+HIDDEN_5FPS = [16, 32, 48, 48, 120, 120, 160, 160, 144, 192, 240, 384, 384,
+               576]
+OUT_5FPS = [8, 16, 16, 24, 24, 40, 40, 48, 48, 48, 96, 96, 96, 160]
+KERNEL_5FPS = [3, 3, 3, 7, 3, 3, 7, 5, 3, 3, 7, 5, 5, 3]
+STRIDE2_5FPS = {1, 3, 5, 10}
+SHORTCUT_5FPS = {2, 4, 6, 8, 9, 11, 12}
+# the model zoo's table: #Params 0.64M, MACs 12.8M at 96x96, both with the
+# 1000-class classifier (0.16M of each)
+PARAMS_5FPS, MACS_5FPS = 0.64e6, 12.8e6
 
 
-def build(net_config, **kwargs):
+def build(net_config=None, **kwargs):
     return MODELS.build(dict(type='MCUNet', net_config=net_config, **kwargs))
+
+
+def imagenet_classifier(**backbone):
+    init_default_scope('mmpretrain')
+    return MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='MCUNet', **backbone),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=1000, in_channels=160)))
+
+
+def conv_linear_macs(model, x):
+    """Multiply-accumulates of the conv and linear layers on input ``x``."""
+    macs = []
+
+    def count(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * \
+                module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        macs.append(out.numel() // out.shape[0] * per_output)
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(x, mode='tensor')
+    for handle in handles:
+        handle.remove()
+    return sum(macs)
+
+
+def test_mcunet_5fps_is_built_in():
+    model = build()
+    assert model.resolution == 96
+    first = model.first_conv.conv
+    assert (first.in_channels, first.out_channels, first.kernel_size,
+            first.stride) == (3, 16, (3, 3), (2, 2))
+    assert len(model.blocks) == 14 and model.feature_mix_layer is None
+    convs = [b.mobile_inverted_conv for b in model.blocks]
+    assert [c.depth_conv.conv.out_channels for c in convs] == HIDDEN_5FPS
+    assert [c.depth_conv.conv.groups for c in convs] == HIDDEN_5FPS
+    assert [c.point_linear.conv.out_channels for c in convs] == OUT_5FPS
+    assert [c.depth_conv.conv.kernel_size[0] for c in convs] == KERNEL_5FPS
+    assert {i for i, c in enumerate(convs)
+            if c.depth_conv.conv.stride == (2, 2)} == STRIDE2_5FPS
+    assert {i for i, b in enumerate(model.blocks)
+            if b.with_shortcut} == SHORTCUT_5FPS
+    # the first block has no expand conv, as its expand ratio is 1
+    assert [c.inverted_bottleneck is None for c in convs] == \
+        [True] + [False] * 13
+    assert all(isinstance(c.depth_conv.activate, torch.nn.ReLU6) and
+               not c.point_linear.with_activation for c in convs)
+    assert model.first_conv.bn.eps == 1e-5
+    out, = model(torch.rand(1, 3, 96, 96))
+    assert out.shape == (1, 160, 3, 3)
+
+
+def test_mcunet_5fps_params_and_macs_match_model_zoo():
+    model = imagenet_classifier().eval()
+    params = sum(p.numel() for p in model.parameters())
+    macs = conv_linear_macs(model, torch.rand(1, 3, 96, 96))
+    assert params == pytest.approx(PARAMS_5FPS, rel=0.01)
+    assert macs == pytest.approx(MACS_5FPS, rel=0.01)
+
+
+def test_arch_and_its_net_config_build_the_same(tmp_path):
+    path = tmp_path / 'mcunet-5fps.json'
+    path.write_text(json.dumps(arch_net_config('5fps')))
+    from_arch, from_file = build().state_dict(), build(str(path)).state_dict()
+    assert list(from_arch) == list(from_file)
+    assert all(from_arch[k].shape == from_file[k].shape for k in from_arch)
 
 
 def test_structure_and_forward(mcunet_net_config):
@@ -22,8 +114,9 @@ def test_structure_and_forward(mcunet_net_config):
     assert [o.shape for o in outs] == [(2, 16, 8, 8), (2, 160, 1, 1)]
 
 
-def test_state_dict_names_follow_mcunet_package(mcunet_net_config):
-    keys = set(build(mcunet_net_config).state_dict())
+@pytest.mark.parametrize('from_file', [False, True], ids=['arch', 'json'])
+def test_state_dict_names_follow_mcunet_package(from_file, mcunet_net_config):
+    keys = set(build(mcunet_net_config if from_file else None).state_dict())
     for key in ['first_conv.conv.weight', 'first_conv.bn.running_var',
                 'blocks.0.mobile_inverted_conv.depth_conv.conv.weight',
                 'blocks.3.mobile_inverted_conv.inverted_bottleneck.conv.weight',
@@ -79,5 +172,7 @@ def test_norm_eval(mcunet_net_config):
 def test_errors(mcunet_net_config, tmp_path):
     with pytest.raises(FileNotFoundError, match='missing.json'):
         build(str(tmp_path / 'missing.json'))
+    with pytest.raises(ValueError, match="unknown MCUNet arch '3fps'"):
+        build(arch='3fps')
     with pytest.raises(IndexError, match='out index 14'):
         build(mcunet_net_config, out_indices=(14, ))

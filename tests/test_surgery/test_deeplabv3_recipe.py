@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgradfilt import GradFilterConv2d, freeze_layers, install_gradient_filter
 
-mmseg = pytest.importorskip('mmseg')
+mmseg = pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 FILTER_5L = [
     dict(path='decode_head.bottleneck', radius=3),

@@ -1,14 +1,12 @@
 # MCUNet-5fps (mcunet package's `mcunet-in1`, the authors' model) built by
-# mmgradfilt's MCUNet backbone from its local net config; its MBConv blocks
-# from the last one backwards (expand, depthwise and project conv of each)
-# and its ImageNet weights. Both files come from the mcunet model zoo
-# (mcunet-5fps_imagenet.json / .pth), downloaded once to these paths.
+# mmgradfilt's MCUNet backbone from its architecture defined in mmgradfilt
+# (arch='5fps': no net config file needed; `net_config='<file>.json'` builds
+# another one); its MBConv blocks from the last one backwards (expand,
+# depthwise and project conv of each) and its ImageNet weights, a local copy
+# of the mcunet model zoo's mcunet-5fps_imagenet.pth, downloaded once.
 model = dict(
     type='ImageClassifier',
-    backbone=dict(
-        type='MCUNet',
-        net_config='data/pretrained/mcunet-5fps_imagenet.json',
-        norm_eval=True),
+    backbone=dict(type='MCUNet', arch='5fps', norm_eval=True),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(
         type='LinearClsHead',

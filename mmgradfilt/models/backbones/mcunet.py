@@ -1,4 +1,5 @@
-"""MCUNet / ProxylessNAS backbone built from the ``mcunet`` package's JSON."""
+"""MCUNet / ProxylessNAS backbone: MCUNet-5fps built in, or any net config of
+the ``mcunet`` package's JSON format."""
 import json
 import os.path as osp
 from typing import List, Optional, Sequence, Tuple
@@ -131,6 +132,60 @@ def load_net_config(net_config: str) -> dict:
     return cfg
 
 
+# Published architectures of the mcunet model zoo, the facts of their net
+# configs (``mcunet-5fps_imagenet.json`` for ``mcunet-in1``, which the zoo
+# downloads and mit-han-lab/tinyml keeps under mcunet/assets/configs), so that
+# building them needs no file: the first conv's channels (3x3, stride 2), then
+# per block (expand ratio, output channels, depthwise kernel, stride). Every
+# conv has BN and ReLU6 but the project conv (BN only); no feature-mix conv.
+ARCH_SETTINGS = {
+    '5fps': dict(
+        first_channels=16,
+        blocks=[(1, 8, 3, 1), (4, 16, 3, 2), (3, 16, 3, 1), (3, 24, 7, 2),
+                (5, 24, 3, 1), (5, 40, 3, 2), (4, 40, 7, 1), (4, 48, 5, 1),
+                (3, 48, 3, 1), (4, 48, 3, 1), (5, 96, 7, 2), (4, 96, 5, 1),
+                (4, 96, 5, 1), (6, 160, 3, 1)],
+        resolution=96),
+}
+
+
+def arch_net_config(arch: str) -> dict:
+    """The net config (``mcunet`` JSON format) of a built-in architecture.
+
+    A block has an identity shortcut where its input and output have the same
+    shape (stride 1, as many channels in as out), as in the published
+    configs. Written with ``json.dump``, it is a file that ``MCUNet``'s
+    ``net_config`` accepts.
+    """
+    if arch not in ARCH_SETTINGS:
+        raise ValueError(f'unknown MCUNet arch {arch!r}; built in: '
+                         f'{", ".join(ARCH_SETTINGS)} (or give a net_config)')
+    setting = ARCH_SETTINGS[arch]
+    channels = setting['first_channels']
+    blocks = []
+    for expand, out, kernel, stride in setting['blocks']:
+        blocks.append(dict(
+            name='MobileInvertedResidualBlock',
+            mobile_inverted_conv=dict(
+                name='MBInvertedConvLayer', in_channels=channels,
+                out_channels=out, kernel_size=kernel, stride=stride,
+                expand_ratio=expand, mid_channels=channels * expand,
+                act_func='relu6', use_se=False),
+            shortcut=dict(name='IdentityLayer') if stride == 1
+            and channels == out else None))
+        channels = out
+    return dict(
+        name='ProxylessNASNets',
+        bn=dict(momentum=0.1, eps=1e-5),
+        first_conv=dict(
+            name='ConvLayer', in_channels=3,
+            out_channels=setting['first_channels'], kernel_size=3, stride=2,
+            act_func='relu6'),
+        blocks=blocks,
+        feature_mix_layer=None,
+        resolution=setting['resolution'])
+
+
 def _build_block(cfg: dict, norm_cfg: dict) -> MBBlock:
     conv_cfg = dict(cfg['mobile_inverted_conv'])
     if conv_cfg.pop('name', 'MBInvertedConvLayer') != 'MBInvertedConvLayer':
@@ -146,11 +201,12 @@ def _build_block(cfg: dict, norm_cfg: dict) -> MBBlock:
 
 @MODELS.register_module()
 class MCUNet(BaseBackbone):
-    """MCUNet / ProxylessNAS backbone from a local net config.
+    """MCUNet / ProxylessNAS backbone: a built-in architecture or a net config.
 
-    Builds the network that ``mcunet.model_zoo.build_model`` builds from the
-    same JSON (first conv, MBConv blocks, optional feature-mix conv; the
-    classifier is left to the head), with the same parameter names, so the
+    Builds the network that ``mcunet.model_zoo.build_model`` builds (first
+    conv, MBConv blocks, optional feature-mix conv; the classifier is left to
+    the head), from the architecture ``arch`` defined here (no file needed)
+    or from a local net config JSON, with the same parameter names, so the
     package's checkpoints (``{'state_dict': ...}``) load with
     ``init_cfg=dict(type='Pretrained', checkpoint=...)``; their
     ``classifier.*`` weights are ignored. Every conv sits in an MMCV
@@ -159,7 +215,12 @@ class MCUNet(BaseBackbone):
     all three.
 
     Args:
-        net_config (str): Path of the net config JSON (``mcunet`` format).
+        arch (str): Built-in architecture, a key of ``ARCH_SETTINGS``:
+            '5fps' is MCUNet-5fps (the model zoo's ``mcunet-in1``, 96x96
+            input). Defaults to '5fps'.
+        net_config (str, optional): Path of a net config JSON (``mcunet``
+            format); when given, it is built instead of ``arch``. Defaults to
+            None.
         out_indices (Sequence[int]): Outputs to return, indexing the blocks
             followed by the feature-mix conv when there is one. Defaults to
             (-1, ), the last feature map.
@@ -170,12 +231,14 @@ class MCUNet(BaseBackbone):
     """
 
     def __init__(self,
-                 net_config: str,
+                 arch: str = '5fps',
+                 net_config: Optional[str] = None,
                  out_indices: Sequence[int] = (-1, ),
                  norm_eval: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg)
-        cfg = load_net_config(net_config)
+        cfg = load_net_config(net_config) if net_config else \
+            arch_net_config(arch)
         bn = cfg.get('bn') or dict(momentum=0.1, eps=1e-3)
         norm_cfg = dict(type='BN', momentum=bn['momentum'], eps=bn['eps'])
         self.first_conv = _conv_layer(cfg['first_conv'], norm_cfg)
