@@ -1,0 +1,350 @@
+"""BatchNorm that keeps patch statistics only, behind a gradient-filtered conv.
+
+In a trained ``conv -> BatchNorm2d -> act`` unit whose conv is a
+:class:`~mmgradfilt.layers.GradFilterConv2d` of radius ``r``, the conv's
+backward uses only the means of its output gradient (the BN's input gradient)
+over the ``r x r`` patches of its output. :class:`FilteredBatchNorm2d`
+averages its own output gradient over the same patches and then needs only
+patch statistics of its input.
+
+Per channel, with ``xhat`` the normalized input, ``g`` the gradient at the BN
+output, ``M = N*H*W`` and ``|P|`` the pixels of patch ``P``, exact BN gives::
+
+    dbeta = sum g,   dgamma = sum g*xhat,
+    dx = gamma*invstd * (g - dbeta/M - xhat*dgamma/M).
+
+With ``g`` replaced by its patch means ``g_P`` (patches tiling the map from the
+top-left, partial last ones, exactly as the conv tiles them), and ``X_P`` the
+patch means of ``xhat``:
+
+* ``dbeta = sum_P |P| g_P`` = the exact ``sum g``;
+* ``dgamma' = sum_P |P| g_P X_P``; it misses the exact one by the within-patch
+  covariance ``sum_P sum_{p in P} (g_p - g_P)(xhat_p - X_P)``;
+* the conv upstream sees only ``avg_P(dx')``, which is linear in ``g`` and
+  ``xhat``: ``gamma*invstd * (g_P - dbeta/M - X_P*dgamma'/M)``. The BN emits
+  that patch-constant value, so the conv's gradients equal what it would
+  compute from the full ``dx'``.
+
+Against exact BN before the same filtered conv (``filter_norm=False``), whose
+patch means of ``dx`` are ``gamma*invstd * (g_P - dbeta/M - X_P*dgamma/M)``,
+exactly two things change: the BN's weight gradient (``dgamma'`` for
+``dgamma``), and through the scalar ``dgamma'/M`` per channel, the conv's
+input, weight and bias gradients. The BN's bias gradient is exact, and so is
+everything when ``g`` is already patch-constant. The backward keeps ``X_P``
+(``1/r^2`` of the input), ``invstd`` and ``gamma``; the forward output and the
+running statistics are those of ``nn.BatchNorm2d``.
+"""
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from ..layers import GradFilterConv2d, check_radius
+from ..layers.grad_filter_conv2d import RadiusType
+from ..ops import GradFilterConv2dFunction
+from ..ops.backend import select
+from ..ops.grad_filter_conv import grid_dtype, pool_blocks, sum_patches
+
+__all__ = [
+    'FilteredBatchNormFunction', 'filtered_batch_norm', 'FilteredBatchNorm2d',
+    'NormRecord', 'filtered_norm_pairs', 'install_filtered_norm'
+]
+
+IntPair = Tuple[int, int]
+
+# layers a filtered conv may feed; each appears in the install records
+_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _channels(t: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast over ``(N, C, H, W)``."""
+    return t.view(1, -1, 1, 1)
+
+
+class FilteredBatchNormFunction(torch.autograd.Function):
+    """Training-mode ``F.batch_norm`` forward, patch-filtered backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], momentum: float, eps: float,
+                radius: IntPair) -> Tensor:
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, True,
+                           momentum, eps)
+        acc = grid_dtype(x.dtype)
+        # 16-bit statistics lose the mean's digits that xhat depends on
+        var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        # xhat is affine in x, so its patch means are those of x, normalized
+        xhat = (pool_blocks(x, radius).to(acc) - _channels(mean)) * _channels(
+            invstd)
+        ctx.save_for_backward(xhat.to(x.dtype), invstd, weight)
+        ctx.radius = radius
+        ctx.size = tuple(x.shape[-2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xhat, invstd, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # the patch sums |P| g_P are all the backward reads of grad_out
+        g_sums = sum_patches(grad_out, ctx.radius)
+        xhat = xhat.to(g_sums.dtype)
+        grad_b = g_sums.sum((0, 2, 3))
+        grad_w = (g_sums * xhat).sum((0, 2, 3))
+        grad_x = None
+        if need_x:
+            m = grad_out.numel() // grad_out.shape[1]
+            scale = invstd if weight is None else weight.to(invstd) * invstd
+            # |P| of each patch, through the same tiling as the sums
+            count = sum_patches(grad_out.new_ones(1, 1, *ctx.size), ctx.radius)
+            dx_sums = _channels(scale.to(g_sums)) * (
+                g_sums - count * _channels(grad_b / m) -
+                count * xhat * _channels(grad_w / m))
+            # each pixel gets its patch's mean: the patch-constant dx
+            grad_x = select(dx_sums).broadcast_blocks(
+                dx_sums, ctx.radius, ctx.size, grad_out.dtype)
+        # an affine BN has both parameters, in one dtype
+        return (grad_x, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(weight.dtype) if need_b else None, None, None, None,
+                None, None)
+
+
+def filtered_batch_norm(x: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], momentum: float,
+                        eps: float, radius: RadiusType = 4) -> Tensor:
+    """Batch-statistics BatchNorm whose backward averages the output gradient
+    over ``radius`` patches (see the module docstring).
+
+    Args:
+        x (Tensor): Input of shape ``(N, C, H, W)``.
+        weight, bias (Tensor, optional): Affine parameters of shape ``(C,)``.
+        running_mean, running_var (Tensor, optional): Running statistics,
+            updated in place as ``F.batch_norm(training=True)`` updates them.
+        momentum (float): Weight of this batch in the running statistics.
+        eps (float): Added to the variance.
+        radius (int | tuple[int, int]): Patch size of the conv that feeds
+            ``x``. Defaults to 4.
+
+    Returns:
+        Tensor: ``F.batch_norm(x, running_mean, running_var, weight, bias,
+        True, momentum, eps)``.
+    """
+    return FilteredBatchNormFunction.apply(x, weight, bias, running_mean,
+                                           running_var, momentum, eps,
+                                           check_radius(radius))
+
+
+@MODELS.register_module()
+class FilteredBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that keeps patch means of its normalized input only.
+
+    Meant right after a :class:`~mmgradfilt.layers.GradFilterConv2d` of the
+    same ``radius`` (:func:`install_filtered_norm` puts it there). In training
+    mode with gradients needed it runs :func:`filtered_batch_norm`; in eval
+    mode or without gradients it is ``nn.BatchNorm2d``. An input that needs a
+    gradient but does not come straight from a filtered conv of this radius
+    would get a patch-constant gradient the conv does not expect: such a batch
+    takes the exact BN (and a warning names the layer once). Parameters,
+    buffers and state_dict keys are those of ``nn.BatchNorm2d``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device,
+            dtype: As ``nn.BatchNorm2d``.
+        radius (int | tuple[int, int]): Patch size of the conv feeding this
+            layer. Defaults to 4.
+    """
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 device=None,
+                 dtype=None,
+                 radius: RadiusType = 4) -> None:
+        super().__init__(num_features, eps, momentum, affine,
+                         track_running_stats, device, dtype)
+        self.radius = check_radius(radius)
+        self._warned_input = False
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d,
+                radius: RadiusType) -> 'FilteredBatchNorm2d':
+        """A filtered BN sharing ``bn``'s ``Parameter`` and buffer objects."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                  bn.track_running_stats, device='meta', radius=radius)
+        for name in (*new._parameters, *new._buffers):
+            setattr(new, name, getattr(bn, name))
+        new.train(bn.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, radius={self.radius}'
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_stats = self.training or (self.running_mean is None
+                                        and self.running_var is None)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (x, self.weight, self.bias))
+        if not (batch_stats and needs_grad) or x.numel() == 0 or (
+                not self._fed_by_filter(x)):
+            return super().forward(x)
+        self._check_input_dim(x)
+        # the running-statistics bookkeeping of nn.BatchNorm2d's forward
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        track = not self.training or self.track_running_stats
+        return filtered_batch_norm(
+            x, self.weight, self.bias, self.running_mean if track else None,
+            self.running_var if track else None, momentum, self.eps,
+            self.radius)
+
+    def _fed_by_filter(self, x: Tensor) -> bool:
+        """Whether ``x``'s gradient goes to a filtered conv of this radius
+        (or nowhere); warn once if not."""
+        node = x.grad_fn
+        if not x.requires_grad or (
+                getattr(node, '_forward_cls', None) is GradFilterConv2dFunction
+                and node.radius == self.radius):
+            return True
+        if not self._warned_input:
+            self._warned_input = True
+            source = type(node).__name__ if node is not None else 'a leaf'
+            print_log(f'{self!r}: its input comes from {source}, not from a '
+                      f'GradFilterConv2d of radius {self.radius}, so it runs '
+                      'as an exact BatchNorm2d', logger='current',
+                      level=logging.WARNING)
+        return False
+
+
+@dataclass
+class NormRecord:
+    """One normalization layer seen by :func:`install_filtered_norm`."""
+    path: str
+    type: str
+    conv: Optional[str]  # the GradFilterConv2d feeding it, if any
+    radius: Optional[IntPair]
+    status: str  # 'installed', 'updated' (new radius), 'unchanged', 'skipped'
+    reason: str = ''
+
+
+def _join(prefix: str, name: str) -> str:
+    return f'{prefix}.{name}' if prefix else name
+
+
+def _feeding_children(module: nn.Module) -> List[Tuple[str, str]]:
+    """``(first, second)`` child names where ``module``'s forward feeds the
+    first child's output straight into the second.
+
+    Three structures are known: MMCV's ``ConvModule`` (``conv`` then its norm
+    when ``order`` puts them side by side), ``nn.Sequential`` with its own
+    forward (neighbours), and OpenMMLab's ResNet blocks and stems (``conv{i}``
+    then the norm named by ``norm{i}_name``).
+    """
+    children = dict(module.named_children())
+    order = getattr(module, 'order', None)
+    if 'conv' in children and isinstance(getattr(module, 'norm_name', None),
+                                         str) and isinstance(order, tuple):
+        if getattr(module, 'with_norm', False) and 'norm' in order and (
+                order.index('norm') == order.index('conv') + 1):
+            return [('conv', module.norm_name)]
+        return []
+    if isinstance(module, nn.Sequential) and (type(module).forward is
+                                              nn.Sequential.forward):
+        names = list(children)
+        return list(zip(names, names[1:]))
+    pairs = []
+    for i in range(1, 4):
+        norm = getattr(module, f'norm{i}_name', None)
+        if f'conv{i}' in children and isinstance(norm, str):
+            pairs.append((f'conv{i}', norm))
+    return pairs
+
+
+def filtered_norm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(conv path, norm path)`` of every normalization layer of ``model``
+    whose input is the output of a :class:`GradFilterConv2d`, found in the
+    structures :func:`_feeding_children` knows."""
+    pairs = []
+    for prefix, module in model.named_modules():
+        for first, second in _feeding_children(module):
+            conv, norm = getattr(module, first), getattr(module, second)
+            if isinstance(conv, GradFilterConv2d) and isinstance(norm, _NORMS):
+                pairs.append((_join(prefix, first), _join(prefix, second)))
+    return pairs
+
+
+def _refusal(norm: nn.Module, conv: Optional[str]) -> str:
+    """Why ``norm`` (fed by the conv at path ``conv``) is not, or cannot be
+    made, a :class:`FilteredBatchNorm2d`; '' if it is or can."""
+    if conv is None:
+        return 'not fed by a GradFilterConv2d'
+    if isinstance(norm, FilteredBatchNorm2d):
+        return ''
+    if isinstance(norm, nn.SyncBatchNorm):
+        return 'SyncBatchNorm: its statistics span processes'
+    if not isinstance(norm, nn.BatchNorm2d):
+        return f'a {type(norm).__name__} is not a BatchNorm2d'
+    if type(norm) is not nn.BatchNorm2d:
+        return f'{type(norm).__name__} has its own forward'
+    params = list(norm.parameters(recurse=False))
+    if params and not any(p.requires_grad for p in params) and (
+            not norm.training):
+        return 'frozen and in eval mode: a fixed affine map keeps no input'
+    if any((norm._forward_pre_hooks, norm._forward_hooks,
+            norm._backward_hooks, norm._backward_pre_hooks)):
+        return 'has module hooks, which a swap would drop'
+    return ''
+
+
+def install_filtered_norm(model: nn.Module) -> List[NormRecord]:
+    """Swap each ``BatchNorm2d`` fed by a :class:`GradFilterConv2d` for a
+    :class:`FilteredBatchNorm2d` of the conv's radius, in place.
+
+    The new layers share the old ones' ``Parameter`` and buffer objects, so an
+    optimizer built before stays valid. Layers already filtered take the
+    conv's current radius.
+
+    Args:
+        model (nn.Module): The model, changed in place.
+
+    Returns:
+        list[NormRecord]: One record per normalization layer of ``model``
+        (BatchNorm, InstanceNorm, GroupNorm, LayerNorm): what was done, or
+        why it was left as it is.
+    """
+    convs = {norm: conv for conv, norm in filtered_norm_pairs(model)}
+    records, swaps = [], []
+    for path, norm in model.named_modules():
+        if not isinstance(norm, _NORMS):
+            continue
+        conv = convs.get(path)
+        radius = model.get_submodule(conv).radius if conv else None
+        record = NormRecord(path, type(norm).__name__, conv, radius, 'skipped',
+                            _refusal(norm, conv))
+        if not record.reason and isinstance(norm, FilteredBatchNorm2d):
+            record.status = 'unchanged' if norm.radius == radius else 'updated'
+            norm.radius = radius
+        elif not record.reason:
+            record.status = 'installed'
+            swaps.append((path, FilteredBatchNorm2d.from_bn(norm, radius)))
+        records.append(record)
+    for path, new in swaps:
+        parent, _, name = path.rpartition('.')
+        setattr(model.get_submodule(parent), name, new)
+    return records

@@ -1,0 +1,313 @@
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmgradfilt.layers import GradFilterConv2d
+from mmgradfilt.memory import norm
+from mmgradfilt.memory.norm import (FilteredBatchNorm2d, filtered_batch_norm,
+                                    filtered_norm_pairs, install_filtered_norm)
+
+# (N, C, H, W), radius: full patches, partial last patches on both axes,
+# unequal radii, and a patch larger than the map
+CASES = [((2, 3, 8, 8), (2, 2)), ((2, 3, 7, 10), (3, 4)),
+         ((3, 2, 5, 6), (2, 3)), ((2, 2, 3, 3), (4, 4)), ((2, 3, 6, 6), (1, 1))]
+
+
+def patches(h, w, radius):
+    """Row and column slices of every patch, tiled from the top-left."""
+    return [(slice(i, i + radius[0]), slice(j, j + radius[1]))
+            for i in range(0, h, radius[0]) for j in range(0, w, radius[1])]
+
+
+def patch_loop_bn(x, gamma, g, radius, eps):
+    """``dx, dgamma, dbeta`` of the filtered BN, straight from the equations,
+    one patch at a time."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    invstd = 1 / torch.sqrt(var + eps)
+    xhat = (x - mean) * invstd
+    dbeta = g.sum((0, 2, 3))
+    dgamma = torch.zeros(c, dtype=x.dtype)
+    for rows, cols in patches(h, w, radius):
+        g_p = g[:, :, rows, cols].mean((2, 3))
+        dgamma += (g_p * xhat[:, :, rows, cols].sum((2, 3))).sum(0)
+    dx = torch.empty_like(x)
+    for rows, cols in patches(h, w, radius):
+        g_p = g[:, :, rows, cols].mean((2, 3), keepdim=True)
+        x_p = xhat[:, :, rows, cols].mean((2, 3), keepdim=True)
+        dx[:, :, rows, cols] = (gamma.view(1, -1, 1, 1) * invstd) * (
+            g_p - dbeta.view(1, -1, 1, 1) / m -
+            x_p * dgamma.view(1, -1, 1, 1) / m)
+    return dx, dgamma, dbeta
+
+
+def patch_constant(grid, size, radius):
+    """A map whose every patch holds one value of ``grid``."""
+    full = grid.repeat_interleave(radius[0], 2).repeat_interleave(radius[1], 3)
+    return full[..., :size[0], :size[1]].contiguous()
+
+
+def leaves(shape, seed=0):
+    torch.manual_seed(seed)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+    return x, gamma, beta
+
+
+def filtered_grads(x, gamma, beta, g, radius, eps=1e-5):
+    out = filtered_batch_norm(x, gamma, beta, None, None, 0.1, eps, radius)
+    return torch.autograd.grad(out, (x, gamma, beta), g)
+
+
+def exact_grads(x, gamma, beta, g, eps=1e-5):
+    out = F.batch_norm(x, None, None, gamma, beta, True, 0.1, eps)
+    return torch.autograd.grad(out, (x, gamma, beta), g)
+
+
+@pytest.mark.parametrize('shape,radius', CASES)
+def test_matches_patch_loop(shape, radius):
+    x, gamma, beta = leaves(shape)
+    g = torch.randn(shape, dtype=torch.float64)
+    dx, dgamma, dbeta = filtered_grads(x, gamma, beta, g, radius)
+    want_dx, want_dgamma, want_dbeta = patch_loop_bn(x.detach(), gamma.detach(),
+                                                     g, radius, 1e-5)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dgamma, want_dgamma, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dbeta, want_dbeta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape,radius', CASES)
+def test_against_exact_bn(shape, radius):
+    x, gamma, beta = leaves(shape, seed=1)
+    g = torch.randn(shape, dtype=torch.float64)
+    dx, dgamma, dbeta = filtered_grads(x, gamma, beta, g, radius)
+    exact_dx, exact_dgamma, exact_dbeta = exact_grads(x, gamma, beta, g)
+    torch.testing.assert_close(dbeta, exact_dbeta, rtol=1e-12, atol=1e-12)
+    # what differs is dgamma, and in dx's patch means only the term
+    # xhat_P * dgamma / M: filter_norm=False's conv would see the rest
+    m = shape[0] * shape[2] * shape[3]
+    n, c, h, w = shape
+    xhat = F.batch_norm(x.detach(), None, None, None, None, True, 0.1, 1e-5)
+    invstd = 1 / torch.sqrt(x.detach().var((0, 2, 3), unbiased=False) + 1e-5)
+    for rows, cols in patches(h, w, radius):
+        x_p = xhat[:, :, rows, cols].mean((2, 3))
+        shift = gamma.detach() * invstd * x_p * (exact_dgamma - dgamma) / m
+        torch.testing.assert_close(
+            exact_dx[:, :, rows, cols].mean((2, 3)),
+            dx[:, :, rows, cols].mean((2, 3)) - shift, rtol=1e-9, atol=1e-12)
+    # a patch-constant output gradient loses nothing to the filter
+    grid = torch.randn(n, c, -(-h // radius[0]), -(-w // radius[1]),
+                       dtype=torch.float64)
+    g = patch_constant(grid, (h, w), radius)
+    got = filtered_grads(x, gamma, beta, g, radius)
+    want = exact_grads(x, gamma, beta, g)
+    torch.testing.assert_close(got[1:], want[1:], rtol=1e-10, atol=1e-12)
+    # dx itself then has patch means equal to the exact ones
+    for rows, cols in patches(h, w, radius):
+        torch.testing.assert_close(got[0][:, :, rows, cols].mean((2, 3)),
+                                   want[0][:, :, rows, cols].mean((2, 3)),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_forward_and_running_stats_identical():
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, 9, 11) * 3 + 2
+    for momentum in (0.1, None):
+        plain = nn.BatchNorm2d(5, momentum=momentum)
+        filt = FilteredBatchNorm2d(5, momentum=momentum, radius=2)
+        filt.load_state_dict(plain.state_dict())
+        conv = GradFilterConv2d(5, 5, 1, radius=2)
+        for _ in range(3):
+            inp = conv(x)
+            out = filt(inp)
+            assert out.grad_fn.name() == 'FilteredBatchNormFunctionBackward'
+            assert torch.equal(out, plain(inp))
+        for key, value in plain.state_dict().items():
+            assert torch.equal(filt.state_dict()[key], value), key
+
+
+def test_plain_bn_where_nothing_is_filtered():
+    torch.manual_seed(3)
+    conv = GradFilterConv2d(3, 4, 3, padding=1, radius=2)
+    bn = FilteredBatchNorm2d(4, radius=2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert bn(conv(x)).grad_fn is None
+    bn.eval()
+    out = bn(conv(x))
+    assert out.grad_fn.name() != 'FilteredBatchNormFunctionBackward'
+    # no running statistics: batch statistics, filtered, in eval mode too
+    free = FilteredBatchNorm2d(4, track_running_stats=False, radius=2).eval()
+    assert free(conv(x)).grad_fn.name() == 'FilteredBatchNormFunctionBackward'
+
+
+def test_exact_bn_when_input_is_not_from_a_filtered_conv(monkeypatch):
+    logged = []
+    monkeypatch.setattr(norm, 'print_log',
+                        lambda msg, **kw: logged.append((msg, kw['level'])))
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    bn = FilteredBatchNorm2d(3, radius=2)
+    for source in (x, GradFilterConv2d(3, 3, 1, radius=3)(x),
+                   nn.Conv2d(3, 3, 1)(x)):
+        out = bn(source)
+        assert out.grad_fn.name() != 'FilteredBatchNormFunctionBackward'
+    # once per layer
+    assert [level for _, level in logged] == [logging.WARNING]
+    assert 'a leaf' in logged[0][0]
+    assert 'runs as an exact BatchNorm2d' in logged[0][0]
+
+
+def test_filtered_conv_sees_the_bn_gradient_it_expects():
+    """conv -> FilteredBN with gradient g gives the conv exactly the gradients
+    of conv -> exact BN with g averaged on the conv's patches."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    conv = GradFilterConv2d(3, 4, 3, padding=1, radius=(2, 3)).double()
+    bn = nn.BatchNorm2d(4).double()
+    g = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    g_avg = patch_constant(F.avg_pool2d(g, (2, 3), ceil_mode=True), (9, 7),
+                           (2, 3))
+    grads = []
+    for norm, grad in ((FilteredBatchNorm2d.from_bn(bn, (2, 3)), g),
+                       (bn, g_avg)):
+        xin = x.clone().requires_grad_()
+        norm(conv(xin)).backward(grad)
+        grads.append([t.grad.clone() for t in
+                      (xin, conv.weight, conv.bias, bn.weight, bn.bias)])
+        for t in (conv.weight, conv.bias, bn.weight, bn.bias):
+            t.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_saves_pooled_input_only():
+    torch.manual_seed(6)
+    shape, r = (2, 8, 32, 30), 4
+    x = torch.randn(shape, requires_grad=True)
+    gamma = torch.ones(8, requires_grad=True)
+    beta = torch.zeros(8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t is not gamma:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = filtered_batch_norm(x, gamma, beta, None, None, 0.1, 1e-5, r)
+    pooled = 2 * 8 * (32 // r) * (-(-30 // r))
+    assert sorted(t.numel() for t in saved) == [8, pooled]
+    saved_bytes = sum(t.untyped_storage().nbytes() for t in saved)
+    assert saved_bytes == (pooled + 8) * 4
+    assert saved_bytes < x.numel() * 4 / r**2 * 1.1
+    out.sum().backward()
+
+
+def conv_module(**kwargs):
+    cnn = pytest.importorskip('mmcv.cnn')
+    return cnn.ConvModule(3, 4, 3, padding=1,
+                          conv_cfg=dict(type='GradFilterConv2d', radius=2),
+                          norm_cfg=dict(type='BN'), **kwargs)
+
+
+def test_install_on_conv_module():
+    torch.manual_seed(7)
+    module = conv_module()
+    bn = module.bn
+    keys = list(module.state_dict())
+    x = torch.randn(2, 3, 10, 10)
+    want = module(x)
+    records = install_filtered_norm(module)
+    assert [(r.path, r.conv, r.radius, r.status) for r in records] == [
+        ('bn', 'conv', (2, 2), 'installed')]
+    assert isinstance(module.bn, FilteredBatchNorm2d) and module.norm is module.bn
+    assert module.bn.weight is bn.weight and module.bn.bias is bn.bias
+    assert module.bn.running_mean is bn.running_mean
+    assert module.bn.num_batches_tracked is bn.num_batches_tracked
+    assert list(module.state_dict()) == keys
+    nodes = []
+    module.bn.register_forward_hook(
+        lambda m, a, out: nodes.append(out.grad_fn.name()))
+    out = module(x)
+    assert nodes == ['FilteredBatchNormFunctionBackward']
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert module.bn.weight.grad is not None
+    # again: nothing to do; a new conv radius updates the norm's
+    assert install_filtered_norm(module)[0].status == 'unchanged'
+    module.conv.radius = (4, 4)
+    assert install_filtered_norm(module)[0].status == 'updated'
+    assert module.bn.radius == (4, 4)
+
+
+def test_norm_cfg_builds_in_conv_module():
+    cnn = pytest.importorskip('mmcv.cnn')
+    module = cnn.ConvModule(
+        3, 4, 3, conv_cfg=dict(type='GradFilterConv2d', radius=2),
+        norm_cfg=dict(type='FilteredBatchNorm2d', radius=2))
+    assert module.norm_name == 'bn' and module.bn.radius == (2, 2)
+
+
+def test_install_in_sequential_and_refusals():
+    def seq(conv, norm):
+        return nn.Sequential(conv, norm, nn.ReLU())
+
+    filt = lambda: GradFilterConv2d(4, 4, 3, padding=1, radius=2)  # noqa: E731
+    frozen = nn.BatchNorm2d(4)
+    frozen.requires_grad_(False)
+    frozen.eval()
+    hooked = nn.BatchNorm2d(4)
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    model = nn.ModuleDict(dict(
+        ok=seq(filt(), nn.BatchNorm2d(4)),
+        plain=seq(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)),
+        gn=seq(filt(), nn.GroupNorm(2, 4)),
+        sync=seq(filt(), nn.SyncBatchNorm(4)),
+        frozen=seq(filt(), frozen),
+        hooked=seq(filt(), hooked),
+        first=nn.Sequential(nn.BatchNorm2d(4), filt())))
+    assert filtered_norm_pairs(model) == [
+        (f'{k}.0', f'{k}.1') for k in ('ok', 'gn', 'sync', 'frozen', 'hooked')]
+    records = {r.path: r for r in install_filtered_norm(model)}
+    assert records['ok.1'].status == 'installed'
+    assert isinstance(model.ok[1], FilteredBatchNorm2d)
+    reasons = {path: r.reason for path, r in records.items()
+               if r.status == 'skipped'}
+    assert reasons == {
+        'plain.1': 'not fed by a GradFilterConv2d',
+        'gn.1': 'a GroupNorm is not a BatchNorm2d',
+        'sync.1': 'SyncBatchNorm: its statistics span processes',
+        'frozen.1': 'frozen and in eval mode: a fixed affine map keeps no '
+        'input',
+        'hooked.1': 'has module hooks, which a swap would drop',
+        'first.0': 'not fed by a GradFilterConv2d'}
+    assert [type(m) for m in model.modules()].count(FilteredBatchNorm2d) == 1
+
+
+def test_refuses_norm_before_conv_in_conv_module():
+    module = conv_module(order=('norm', 'conv', 'act'))
+    assert filtered_norm_pairs(module) == []
+    (record, ) = install_filtered_norm(module)
+    assert record.status == 'skipped'
+
+
+def test_install_in_resnet_block():
+    resnet = pytest.importorskip('mmseg.models.backbones.resnet')
+    block = resnet.BasicBlock(4, 4)
+    block.conv2 = GradFilterConv2d.from_conv(block.conv2, 2)
+    records = install_filtered_norm(block)
+    assert [(r.path, r.status) for r in records] == [('bn1', 'skipped'),
+                                                     ('bn2', 'installed')]
+    nodes = []
+    block.norm2.register_forward_hook(
+        lambda m, a, out: nodes.append(out.grad_fn.name()))
+    block(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
+    assert nodes == ['FilteredBatchNormFunctionBackward']
+    assert block.norm2.radius == (2, 2) and block.norm2.weight.grad is not None
