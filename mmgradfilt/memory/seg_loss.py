@@ -14,7 +14,7 @@ The autograd part is plain torch; only :func:`lean_loss_support` and the
 functions that install the banded loss on a head import mmseg.
 """
 import functools
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,8 +38,8 @@ class CETerm(NamedTuple):
         loss_weight (float): Factor of the term. Defaults to 1.0.
         class_weight (tuple[float], optional): Weight of each class.
             Defaults to None (all 1).
-        avg_non_ignore (bool): Divide by the number of pixels that are not
-            ignored instead of all pixels. Defaults to False.
+        avg_non_ignore (bool): Leave the ignored pixels out of the divisor
+            of the mean. Defaults to False.
     """
 
     loss_weight: float = 1.0
@@ -113,7 +113,8 @@ def _upsample_band(rows: Tensor, taps: _RowTaps, start: int, stop: int,
                          align_corners=align_corners)
 
 
-def _bands(height: int, band_rows: int):
+def _bands(height: int, band_rows: int) -> Iterator[Tuple[int, int]]:
+    """``(start, stop)`` of each band of ``band_rows`` rows, the last shorter."""
     for start in range(0, height, band_rows):
         yield start, min(height, start + band_rows)
 
@@ -154,7 +155,8 @@ class _BandedSegLoss(torch.autograd.Function):
                 # weights[:, classes] is 0: ignored pixels add nothing
                 sums += (weights[:, slot] * nll).flatten(1).sum(1)
                 counts += torch.bincount(slot.flatten(), minlength=classes + 1)
-                # topk, as mmseg's accuracy, for the same choice among ties
+                # topk, as MMSeg's accuracy: among equal logits it need not
+                # pick the first class, as argmax would
                 hit = band.topk(1, dim=1).indices == target
                 correct += (hit.squeeze(1) & (slot < classes)).sum()
                 del band
@@ -274,7 +276,9 @@ def lean_seg_loss(logits: Tensor,
     ``F.interpolate(mode='bilinear')`` and applying MMSeg's softmax
     ``cross_entropy`` (``reduction='mean'``) for each term and its
     ``accuracy``, but computed in bands of rows so that autograd keeps only
-    ``logits`` and the labels (compacted, see :func:`compact_labels`).
+    ``logits`` and the labels (compacted, see :func:`compact_labels`). As in
+    MMSeg 1.x, a term with class weights divides by the sum of the pixels'
+    class weights, not by their number.
 
     Args:
         logits (Tensor): (N, C, h, w) logits at the head's resolution.
@@ -298,8 +302,8 @@ def lean_seg_loss(logits: Tensor,
     if not terms:
         raise ValueError('terms is empty')
     num, classes, _, _ = logits.shape
-    row_bytes = num * classes * labels.shape[-1] * torch.finfo(
-        _compute_dtype(logits.dtype)).bits // 8
+    row_bytes = max(1, num * classes * labels.shape[-1] * torch.finfo(
+        _compute_dtype(logits.dtype)).bits // 8)
     band_rows = max(1, band_bytes // row_bytes)
     return _BandedSegLoss.apply(logits, compact_labels(labels), tuple(terms),
                                 ignore_index, align_corners, band_rows)

@@ -155,6 +155,13 @@ def test_all_pixels_ignored():
             rtol=1e-10)
 
 
+def test_ties_pick_the_class_mmseg_picks():
+    # equal logits everywhere: topk (MMSeg's accuracy) does not pick class 0
+    head = build_head(ce())
+    compare(head, torch.zeros(2, 5, 4, 4), random_labels((2, 16, 16), 5),
+            band_bytes=2**10, rtol=1e-6)
+
+
 def test_compact_labels():
     assert compact_labels(torch.tensor([0, 255])).dtype == torch.uint8
     assert compact_labels(torch.tensor([-1, 20])).dtype == torch.int8
