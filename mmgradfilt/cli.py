@@ -4,11 +4,46 @@ they apply to a config."""
 import argparse
 import os
 import os.path as osp
+import warnings
 
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+
+
+# (message, category, module) of the warnings third-party code prints on
+# every run of a tool, none of which is about the run: setuptools deprecates
+# pkg_resources, which MMEngine imports and reloads (importlib then raises it)
+# to find MMSeg's and MMPretrain's configs; MMSeg's model builder warns that
+# it will be deprecated and its cross-entropy loss that a default is a
+# default
+THIRD_PARTY_WARNINGS = [
+    ('pkg_resources is deprecated as an API', UserWarning,
+     r'(mmengine\.utils\.package_utils|importlib)$'),
+    ('``build_loss`` would be deprecated soon', UserWarning,
+     r'mmseg\.models\.builder$'),
+    ('Default ``avg_non_ignore`` is False', UserWarning,
+     r'mmseg\.models\.losses\.cross_entropy_loss$'),
+]
+
+
+def quiet_third_party() -> None:
+    """Silence what third-party code prints on every run of a tool and that
+    says nothing about it; call first in ``main()``.
+
+    The warnings of :data:`THIRD_PARTY_WARNINGS`, and kineto's log (the
+    library behind ``torch.profiler``, which the benchmark's CPU peak memory
+    and CUDA kernel times use): on each use it logs its start and stop
+    (``USDT: ... profiler_start``) and, on a machine without a GPU, that it
+    could not count GPUs (``gpuGetDeviceCount failed``). Level 6 is above
+    all of kineto's levels (``ENUM_COUNT`` in libkineto's
+    ``ILoggerObserver.h``); it is read when the profiler first starts, and a
+    ``KINETO_LOG_LEVEL`` already set is kept.
+    """
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings('ignore', message, category, module)
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
 
 def add_cfg_options(parser: argparse.ArgumentParser) -> None:

@@ -1,82 +1,133 @@
 """Measure the training cost of gradient filtering on this device.
 
 Config mode: builds the config's model twice, vanilla (the config's freezing,
-no filter) and filtered (as its GradientFilterHook says), and times forward,
-backward and optimizer step, with saved-activation memory, peak memory and
-backward FLOPs of the filtered layers.
+no filter: PyTorch's backward) and filtered (as its GradientFilterHook says),
+and times forward, backward and optimizer step on a synthetic batch of the
+config's training size, with saved-activation memory, peak memory and backward
+FLOPs of the filtered layers.
 
 Layer mode (``--layers``): times single conv shapes, PyTorch's backward vs
 the filtered one, for several radii.
 """
 import argparse
-import os
 import os.path as osp
 import platform
+from typing import Tuple
 
 import torch
+from mmengine.config import Config
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
-from mmgradfilt.benchmark.layers import (bench_layer, layer_table,
-                                         load_layer_suite)
-from mmgradfilt.benchmark.report import (layer_sum, plot_layers, plot_step,
-                                         step_tables, write_csv, write_json)
-from mmgradfilt.benchmark.step import (PHASES, TrainStep, build_models,
-                                       measure_step, synthetic_batch,
-                                       time_steps)
+from mmgradfilt.benchmark.layers import (bench_layer, layer_legend,
+                                         layer_table, load_layer_suite)
+from mmgradfilt.benchmark.report import (TIMES, csv_table, layers_table,
+                                         plot_layers, plot_step, ratio,
+                                         step_legend, step_table)
+from mmgradfilt.benchmark.step import (TrainStep, build_models, measure_step,
+                                       synthetic_batch, time_steps,
+                                       train_input_size)
 from mmgradfilt.benchmark.timing import paired_ratio
-from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
-from mmgradfilt.report import format_table
+from mmgradfilt.cli import (add_cfg_options, check_analysis_args,
+                            quiet_third_party, read_config)
+from mmgradfilt.report import write_json
+
+LAYER_BATCH_SIZE = 2
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Benchmark gradient filtering: vanilla vs filtered')
+        description='Benchmark gradient filtering: vanilla (PyTorch\'s '
+        'backward) vs filtered, on this device')
     parser.add_argument('config', nargs='?', help='config file (config mode)')
-    parser.add_argument('--layers', nargs='?', const='builtin',
+    parser.add_argument('--layers', nargs='?', const='builtin', metavar='FILE',
                         help='layer mode: the built-in suite, or a JSON file '
                         'with a list of ConvShape fields')
     parser.add_argument('--radius', type=int, nargs='+', default=[2, 4, 7, 8],
-                        help='layer mode: radii to time')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+                        help='layer mode: radii to time (default: '
+                        '%(default)s)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
+                        help='default: %(default)s')
     parser.add_argument('--dtype', default='float32',
                         choices=['float32', 'float16', 'bfloat16'],
-                        help='layer mode: data type')
-    parser.add_argument('--input-size', type=int, nargs=2, default=[512, 512],
-                        metavar=('H', 'W'), help='config mode: image size')
-    parser.add_argument('--batch-size', type=int, default=2)
+                        help='layer mode: data type (default: %(default)s)')
+    parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help='config mode: image size (default: the '
+                        'config\'s training size: the last RandomCrop '
+                        'crop_size, RandomResizedCrop scale or fixed Resize '
+                        'scale of its train pipeline, else its crop_size, '
+                        'else its data preprocessor\'s size)')
+    parser.add_argument('--batch-size', type=int,
+                        help='default: the config\'s '
+                        'train_dataloader.batch_size in config mode, '
+                        f'{LAYER_BATCH_SIZE} in layer mode')
     parser.add_argument('--iters', type=int, default=10,
-                        help='timed repeats')
+                        help='timed repeats (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3,
-                        help='untimed repeats first')
+                        help='untimed repeats first (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--out', help='output folder for JSON, CSV and PNG; '
-                        'defaults to work_dirs/benchmark/<config or layers>')
+                        help='CPU threads, torch.set_num_threads (default: '
+                        'torch\'s)')
+    parser.add_argument('--out', help='output folder for JSON, CSV and PNG '
+                        '(default: work_dirs/benchmark/<config name>, '
+                        'work_dirs/benchmark/layers for the built-in suite, '
+                        'work_dirs/benchmark/layers_<file name> for a file)')
     add_cfg_options(parser)
     args = parser.parse_args()
     if (args.config is None) == (args.layers is None):
         parser.error('give either a CONFIG or --layers')
     check_analysis_args(parser, args)
-    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+    if args.iters < 1 or args.warmup < 0 or (args.batch_size or 1) < 1:
         parser.error('--iters and --batch-size must be >= 1, --warmup >= 0')
     return args
 
 
-def environment(args) -> dict:
+def size_and_batch(args: argparse.Namespace, cfg: Config
+                   ) -> Tuple[Tuple[int, int], int, str]:
+    """Input size and batch size: the command line's, else the config's; and
+    where each came from, to print."""
+    if args.input_size:
+        size, size_from = tuple(args.input_size), '--input-size'
+    else:
+        found = train_input_size(cfg)
+        if found is None:
+            raise SystemExit(
+                f'{args.config} names no training size (no RandomCrop, '
+                'RandomResizedCrop or fixed Resize in its train pipeline, no '
+                'crop_size, no data_preprocessor size): give --input-size H W')
+        size, size_from = found[0], f'config: {found[1]}'
+    if args.batch_size:
+        batch, batch_from = args.batch_size, '--batch-size'
+    else:
+        batch = cfg.get('train_dataloader', {}).get('batch_size')
+        if batch is None:
+            raise SystemExit(f'{args.config} has no '
+                             'train_dataloader.batch_size: give --batch-size N')
+        batch_from = 'config: train_dataloader.batch_size'
+    return size, batch, (f'{size[0]}x{size[1]} ({size_from}), batch {batch} '
+                         f'({batch_from})')
+
+
+def environment(args: argparse.Namespace, batch_size: int) -> dict:
     """What the numbers were measured on."""
     device = (torch.cuda.get_device_name() if args.device == 'cuda' else
               platform.processor() or platform.machine())
     return dict(device=args.device, device_name=device, torch=torch.__version__,
-                threads=torch.get_num_threads(), batch_size=args.batch_size,
+                threads=torch.get_num_threads(), batch_size=batch_size,
                 iters=args.iters, warmup=args.warmup)
 
 
-def run_config(args, device: torch.device, out_dir: str) -> None:
+def run_config(args: argparse.Namespace, device: torch.device,
+               out_dir: str) -> None:
     cfg = read_config(args)
-    size = tuple(args.input_size)
+    size, batch_size, what = size_and_batch(args, cfg)
+    env = environment(args, batch_size)
+    print(f'{osp.basename(args.config)}: {what}, {args.device} '
+          f'({env["device_name"]}, {env["threads"]} threads), {args.iters} '
+          f'timed steps after {args.warmup} warm-up, vanilla and filtered '
+          'in turn')
     vanilla, filtered, paths = build_models(cfg, device, size)
-    batch = synthetic_batch(cfg, args.batch_size, size)
-    result = dict(config=args.config, input_size=size, env=environment(args),
+    batch = synthetic_batch(cfg, batch_size, size)
+    result = dict(config=args.config, input_size=size, env=env,
                   filtered_layers=paths)
     steps = {key: TrainStep(model, cfg.optim_wrapper, batch)
              for key, model in (('vanilla', vanilla), ('filtered', filtered))}
@@ -88,79 +139,87 @@ def run_config(args, device: torch.device, out_dir: str) -> None:
                            **measure_step(step, paths, device, args.iters))
     van, fil = result['vanilla'], result['filtered']
     result['ratios'] = dict(
-        {p: paired_ratio(van[p], fil[p]) for p in (*PHASES, 'step')},
-        saved=van['saved_bytes'] / fil['saved_bytes'],
-        peak=van['peak_bytes'] / fil['peak_bytes'],
-        layer_saved=layer_sum(van, 'saved_bytes') /
-        max(layer_sum(fil, 'saved_bytes'), 1),
-        layer_flops=layer_sum(van, 'backward_flops') /
-        layer_sum(fil, 'backward_flops'))
+        {t: paired_ratio(van[t], fil[t]) for t in TIMES},
+        saved=ratio(van['saved_bytes'], fil['saved_bytes']),
+        peak=ratio(van['peak_bytes'], fil['peak_bytes']))
     peak_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
-                 else 'CPU allocator peak from torch.profiler memory events')
-    print(f'{osp.basename(args.config)}: batch {args.batch_size}, '
-          f'{size[0]}x{size[1]}, {args.device} ({result["env"]["device_name"]}'
-          f', {result["env"]["threads"]} threads), medians [quartiles] of '
-          f'{args.iters} steps after {args.warmup} warm-up, taken in turn '
-          '(time ratios: medians of the steps\' ratios); peak: '
-          f'{peak_kind}')
-    print(step_tables(result))
+                 else 'the CPU allocator\'s peak (torch.profiler memory '
+                 'events)')
+    print(step_table(result))
+    print()
+    print(layers_table(result).text())
+    print()
+    print(step_legend(result, peak_kind))
     write_json(osp.join(out_dir, 'benchmark.json'), result)
-    write_csv(osp.join(out_dir, 'benchmark.csv'),
-              ['model', *PHASES, 'step', 'saved_bytes', 'peak_bytes'],
-              [[k, *(result[k][p]['median'] for p in (*PHASES, 'step')),
-                result[k]['saved_bytes'], result[k]['peak_bytes']]
-               for k in ('vanilla', 'filtered')])
+    csv_table(result).write_csv(osp.join(out_dir, 'benchmark.csv'))
     plot_step(osp.join(out_dir, 'benchmark.png'), result,
               f'{osp.basename(args.config)} ({args.device})')
 
 
-def run_layers(args, device: torch.device, out_dir: str) -> None:
+def run_layers(args: argparse.Namespace, device: torch.device,
+               out_dir: str) -> None:
     try:
         shapes = load_layer_suite(
             None if args.layers == 'builtin' else args.layers)
     except (OSError, ValueError) as e:
         raise SystemExit(f'--layers: {e}') from None
     dtype = getattr(torch, args.dtype)
-    env = environment(args)
+    batch_size = args.batch_size or LAYER_BATCH_SIZE
+    env = environment(args, batch_size)
+    print(f'layer suite: batch {batch_size}, {args.dtype}, {args.device} '
+          f'({env["device_name"]}, {env["threads"]} threads), {args.iters} '
+          f'timed runs after {args.warmup} warm-up, vanilla and filtered in '
+          'turn')
     json_path = osp.join(out_dir, 'layers.json')
     bar = ProgressBar(len(shapes) * len(args.radius))
     results = []
     for shape in shapes:
         for radius in args.radius:
-            results.append(bench_layer(shape, radius, args.batch_size, device,
+            results.append(bench_layer(shape, radius, batch_size, device,
                                        dtype, args.iters, args.warmup))
             # on disk as measured: a crash or Ctrl-C loses one layer at most
             write_json(json_path, dict(env=env, results=results,
                                        complete=False))
             bar.update()
     print()
-    print(f'layer suite: batch {args.batch_size}, {args.dtype}, {args.device} '
-          f'({env["device_name"]}, {env["threads"]} threads), medians of '
-          f'{args.iters} runs after {args.warmup} warm-up, taken in turn; '
-          'ratios: medians of the runs\' ratios')
-    headers, rows = layer_table(results)
-    print(format_table(headers, rows))
+    table = layer_table(results)
+    print(table.text())
+    print()
+    print(layer_legend(args.iters))
     write_json(json_path, dict(env=env, results=results, complete=True))
-    write_csv(osp.join(out_dir, 'layers.csv'), headers, rows)
+    table.write_csv(osp.join(out_dir, 'layers.csv'))
     plot_layers(osp.join(out_dir, 'layers.png'), results,
                 f'filtered conv backward vs PyTorch ({args.device}, '
-                f'{args.dtype}, batch {args.batch_size})')
+                f'{args.dtype}, batch {batch_size})')
 
 
-def main():
+def output_dir(args: argparse.Namespace) -> str:
+    """``--out``, else a folder under work_dirs/benchmark/ named after the
+    config or the layer file."""
+    if args.out:
+        return args.out
+    if args.config is not None:
+        name = osp.splitext(osp.basename(args.config))[0]
+    elif args.layers == 'builtin':
+        name = 'layers'
+    else:
+        name = 'layers_' + osp.splitext(osp.basename(args.layers))[0]
+    return osp.join('work_dirs', 'benchmark', name)
+
+
+def main() -> None:
+    quiet_third_party()
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = ('layers' if args.config is None else
-            osp.splitext(osp.basename(args.config))[0])
-    out_dir = args.out or osp.join('work_dirs', 'benchmark', name)
+    out_dir = output_dir(args)
     mkdir_or_exist(out_dir)
     if args.config is None:
         run_layers(args, device, out_dir)
     else:
         run_config(args, device, out_dir)
-    print(f'results written to {os.path.abspath(out_dir)}')
+    print(f'results written to {osp.abspath(out_dir)}')
 
 
 if __name__ == '__main__':

@@ -19,14 +19,16 @@ from mmengine.runner import Runner, load_checkpoint
 from mmengine.runner.utils import set_random_seed
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
-from mmgradfilt.benchmark.fidelity import fidelity_table, measure_fidelity
-from mmgradfilt.benchmark.report import plot_fidelity, write_csv, write_json
+from mmgradfilt.analysis.fidelity import (FIDELITY_LEGEND, fidelity_table,
+                                          measure_fidelity, plot_fidelity)
 from mmgradfilt.benchmark.step import build_model, gradient_filter_hook
-from mmgradfilt.cli import add_cfg_options, check_analysis_args, read_config
+from mmgradfilt.cli import (add_cfg_options, check_analysis_args,
+                            quiet_third_party, read_config)
+from mmgradfilt.hooks import PretrainedCheckHook
 from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
                                                     missing_checkpoints_error,
                                                     pretrained_checkpoints)
-from mmgradfilt.report import format_table
+from mmgradfilt.report import write_json
 
 
 def parse_args():
@@ -54,6 +56,19 @@ def parse_args():
     return args
 
 
+def checkpoint_hint(cfg: Config) -> str:
+    """How to obtain a missing checkpoint: the hint of the config's
+    ``PretrainedCheckHook`` (what its training run would say), else the
+    default one."""
+    hooks = [*cfg.get('default_hooks', {}).values(),
+             *cfg.get('custom_hooks', [])]
+    for hook in hooks:
+        if isinstance(hook, dict) and hook.get('type') in (
+                'PretrainedCheckHook', PretrainedCheckHook):
+            return hook.get('hint', CHECKPOINT_HINT)
+    return CHECKPOINT_HINT
+
+
 def trained_model(cfg: Config, checkpoint: Optional[str],
                   device: torch.device):
     """The config's model with ``checkpoint`` loaded (else initialised as the
@@ -62,7 +77,7 @@ def trained_model(cfg: Config, checkpoint: Optional[str],
     model = build_model(cfg)
     wanted = ([('--checkpoint or load_from', checkpoint)]
               if checkpoint else pretrained_checkpoints(model))
-    error = missing_checkpoints_error(wanted, CHECKPOINT_HINT)
+    error = missing_checkpoints_error(wanted, checkpoint_hint(cfg))
     if error is not None:
         raise SystemExit(str(error))
     if checkpoint:
@@ -78,7 +93,8 @@ def trained_model(cfg: Config, checkpoint: Optional[str],
     return model.to(device).train()
 
 
-def main():
+def main() -> None:
+    quiet_third_party()
     args = parse_args()
     cfg = read_config(args)
     checkpoint = args.checkpoint or cfg.get('load_from')
@@ -98,12 +114,14 @@ def main():
     print()
     if not rows:
         raise SystemExit('no filtered conv got a gradient from the loss')
-    headers, table = fidelity_table(rows)
+    table = fidelity_table(rows)
     weights = checkpoint or 'the config\'s initialisation'
     print(f'{osp.basename(args.config)}, {weights}: filtered vs exact '
           f'gradients of the same input and output gradient, means over '
           f'{rows[0]["batches"]} training batches')
-    print(format_table(headers, table))
+    print(table.text())
+    print()
+    print(FIDELITY_LEGEND)
     name = osp.splitext(osp.basename(args.config))[0]
     out_dir = args.out or osp.join('work_dirs', 'grad_fidelity', name)
     mkdir_or_exist(out_dir)
@@ -111,7 +129,7 @@ def main():
                dict(config=args.config, weights=weights,
                     batches=rows[0]['batches'], seed=args.seed,
                     layers=rows))
-    write_csv(osp.join(out_dir, 'fidelity.csv'), headers, table)
+    table.write_csv(osp.join(out_dir, 'fidelity.csv'))
     plot_fidelity(osp.join(out_dir, 'fidelity.png'), rows,
                   f'{name}\nfiltered vs exact weight gradients')
     print(f'results written to {osp.abspath(out_dir)}')

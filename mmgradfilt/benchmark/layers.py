@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 
 from ..layers import GradFilterConv2d
+from ..report import Column, Table
 from .flops import conv_backward_flops
+from .report import compared, ratio
 from .timing import cuda_kernel_seconds, paired_ratio, summarize, timed
 
 
@@ -135,38 +137,58 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
             result[key]['forward_kernel_ms'] = forward_ms
     van, fil = result['vanilla'], result['filtered']
     result['backward_speedup'] = paired_ratio(van['backward'], fil['backward'])
-    result['forward_ratio'] = paired_ratio(fil['forward'], van['forward'])
+    result['forward_speedup'] = paired_ratio(van['forward'], fil['forward'])
     return result
 
 
-def layer_table(results: Sequence[Dict]) -> Tuple[List[str], List[List]]:
-    """Headers and rows: shape, radius, medians (ms) and ratios.
+def layer_table(results: Sequence[Dict]) -> Table:
+    """Shape, radius, median times (ms) and vanilla/filtered ratios.
 
     CUDA runs add the summed kernel times (profiler) of both passes.
     """
-    headers = ['layer', 'r', 'fwd ms', 'fwd ms (filt)', 'fwd ratio', 'bwd ms',
-               'bwd ms (filt)', 'bwd speedup', 'bwd FLOPs cut']
+    columns = [
+        Column('layer', 'layer'), Column('r', 'radius'),
+        *compared('fwd', 'forward', 'ms', '.3f', 'fwd speedup', 'speedup'),
+        *compared('bwd', 'backward', 'ms', '.3f', 'bwd speedup', 'speedup'),
+        Column('bwd FLOPs ratio', 'backward_flops_ratio_x', '.0f', 'x'),
+    ]
     kernels = 'backward_kernel_ms' in results[0]['vanilla']
     if kernels:
-        headers += ['fwd kernel ratio', 'bwd kernel ms', 'bwd kernel ms (filt)',
-                    'bwd kernel speedup']
+        columns += [
+            Column('fwd kernel speedup', 'forward_kernel_speedup_x', '.2f',
+                   'x'),
+            *compared('bwd kernel', 'backward_kernel', 'ms', '.4f',
+                      'bwd kernel speedup', 'speedup'),
+        ]
     rows = []
     for r in results:
         van, fil = r['vanilla'], r['filtered']
         row = [
-            r['name'], r['radius'], f"{van['forward']['median']:.3f}",
-            f"{fil['forward']['median']:.3f}", f"{r['forward_ratio']:.2f}x",
-            f"{van['backward']['median']:.3f}",
-            f"{fil['backward']['median']:.3f}",
-            f"{r['backward_speedup']:.1f}x",
-            f"{van['backward_flops'] / fil['backward_flops']:.0f}x"
+            r['name'], r['radius'], van['forward']['median'],
+            fil['forward']['median'], r['forward_speedup'],
+            van['backward']['median'], fil['backward']['median'],
+            r['backward_speedup'],
+            ratio(van['backward_flops'], fil['backward_flops'])
         ]
         if kernels:
             row += [
-                f"{fil['forward_kernel_ms'] / van['forward_kernel_ms']:.2f}x",
-                f"{van['backward_kernel_ms']:.4f}",
-                f"{fil['backward_kernel_ms']:.4f}",
-                f"{van['backward_kernel_ms'] / fil['backward_kernel_ms']:.1f}x"
+                ratio(van['forward_kernel_ms'], fil['forward_kernel_ms']),
+                van['backward_kernel_ms'], fil['backward_kernel_ms'],
+                ratio(van['backward_kernel_ms'], fil['backward_kernel_ms'])
             ]
         rows.append(row)
-    return headers, rows
+    return Table(columns, rows)
+
+
+def layer_legend(iters: int) -> str:
+    """What the columns of :func:`layer_table` mean."""
+    return '\n'.join([
+        'vanilla:  nn.Conv2d, PyTorch\'s backward (exact gradients); '
+        'filtered: GradFilterConv2d with r x r patches',
+        f'ms: medians over {iters} timed runs of one forward (with '
+        'gradients) or one backward (input and weight gradients)',
+        'speedup, ratio: vanilla / filtered (for times, the median of the '
+        'runs\' ratios); above 1 the filtered layer is faster or computes '
+        'less',
+        'bwd FLOPs: analytic, the input and weight gradients',
+    ])

@@ -1,6 +1,6 @@
 """Whole training step of a config's model: vanilla vs gradient-filtered."""
 import copy
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,61 @@ def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
                          f'GradientFilterHook in custom_hooks, found {len(hooks)}')
     kwargs = {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
     return GradientFilterHook(**kwargs)
+
+
+# transforms that give every training image one size: the argument holding it
+# and its order; mmcv's Resize takes (w, h), and gives one size only without
+# keep_ratio
+SIZE_TRANSFORMS = {
+    'RandomCrop': ('crop_size', 'hw'),
+    'RandomResizedCrop': ('scale', 'hw'),
+    'Resize': ('scale', 'wh'),
+}
+
+
+def _size_pair(value: Union[int, Sequence[int], None], order: str = 'hw'
+               ) -> Optional[Tuple[int, int]]:
+    """``(h, w)`` of an int or a pair in ``order``; None for anything else."""
+    if isinstance(value, int):
+        return value, value
+    if (isinstance(value, Sequence) and len(value) == 2 and
+            all(isinstance(v, int) for v in value)):
+        return tuple(value) if order == 'hw' else (value[1], value[0])
+    return None
+
+
+def _train_pipeline(dataset: Optional[Dict]) -> List[Dict]:
+    """The pipeline of a dataset config, looking inside dataset wrappers."""
+    while isinstance(dataset, dict) and 'pipeline' not in dataset:
+        dataset = (dataset.get('dataset') or
+                   (dataset.get('datasets') or [None])[0])
+    return list(dataset.get('pipeline', [])) if isinstance(dataset, dict) else []
+
+
+def train_input_size(cfg: Config) -> Optional[Tuple[Tuple[int, int], str]]:
+    """The image size ``(h, w)`` the config trains on and where it says so.
+
+    The last transform of the training pipeline that gives every image one
+    size (a random crop, a fixed resize), else the config's ``crop_size``,
+    else the size its data preprocessor pads to; None if it says none.
+    """
+    pipeline = _train_pipeline(cfg.get('train_dataloader', {}).get('dataset'))
+    for transform in reversed(pipeline):
+        name = str(transform.get('type', '')).split('.')[-1]
+        if name not in SIZE_TRANSFORMS or transform.get('keep_ratio'):
+            continue
+        key, order = SIZE_TRANSFORMS[name]
+        size = _size_pair(transform.get(key), order)
+        if size is not None:
+            return size, f'train pipeline {name} {key}'
+    for where, value in (
+            ('crop_size', cfg.get('crop_size')),
+            ('model.data_preprocessor.size',
+             cfg.get('model', {}).get('data_preprocessor', {}).get('size'))):
+        size = _size_pair(value)
+        if size is not None:
+            return size, where
+    return None
 
 
 def build_model(cfg: Config, model_cfg: Optional[ConfigDict] = None

@@ -1,3 +1,4 @@
+import glob
 import os.path as osp
 from typing import List, Optional, Tuple
 
@@ -30,15 +31,33 @@ def pretrained_checkpoints(model: nn.Module) -> List[Tuple[str, str]]:
 def missing_checkpoints_error(wanted: List[Tuple[str, str]],
                               hint: str) -> Optional[FileNotFoundError]:
     """An error naming the local files of ``(what, checkpoint)`` pairs that
-    do not exist, or None; remote ones (``scheme://``) are left to MMEngine."""
+    do not exist, or None; remote ones (``scheme://``) are left to MMEngine.
+
+    A missing ``<folder>/<config name>/<file>``, as a config of this
+    repository's ``configs/`` writes it, comes with the command that trains
+    that config (``make demo`` for the segmentation demo's).
+    """
     missing = [(what, path) for what, path in wanted
                if '://' not in path and not osp.isfile(osp.expanduser(path))]
     if not missing:
         return None
-    return FileNotFoundError(
-        'Missing checkpoint(s): ' + '; '.join(
-            f'"{path}" (set by {what})' for what, path in missing) +
-        f'. {hint}')
+    configs = osp.join(
+        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+        'configs')
+    described = []
+    for what, path in missing:
+        text = f'"{path}" (set by {what})'
+        folder = osp.basename(osp.dirname(path))
+        makers = (glob.glob(osp.join(configs, '**', folder + '.py'),
+                            recursive=True) if folder else [])
+        if makers:
+            commands = [f'python tools/train.py {osp.relpath(makers[0])}']
+            if osp.basename(osp.dirname(makers[0])) == 'demo_seg':
+                commands.insert(0, 'make demo')  # with the demo's data
+            text += ', written by ' + ' or '.join(f'`{c}`' for c in commands)
+        described.append(text)
+    return FileNotFoundError('Missing checkpoint(s): ' + '; '.join(described) +
+                             f'. {hint}')
 
 
 @HOOKS.register_module()

@@ -1,4 +1,5 @@
 """tools/benchmark.py end to end on tiny inputs (CPU)."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -8,11 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from mmengine.config import Config
 
 from mmgradfilt.benchmark.layers import load_layer_suite
+from mmgradfilt.benchmark.step import train_input_size
 from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO = (ROOT / 'configs' / 'demo_seg' /
+        'deeplabv3_r18-tiny-d8_filt5L_1xb8-300_digits-shift-64x64.py')
+# what third-party code printed on every run (deprecations, the profiler and
+# CUDA probing on a CPU machine): none of it is the tool's to say
+NOISE = ('pkg_resources', 'USDT', 'gpuGetDeviceCount', 'Warning')
 
 SEG_CONFIG = """
 _base_ = ['mmseg::deeplabv3/deeplabv3_r18-d8_4xb2-80k_cityscapes-512x1024.py']
@@ -36,12 +44,31 @@ custom_hooks = [dict(
 """
 
 
-def run_tool(*args):
+def run_tool(*args, cwd=ROOT):
     proc = subprocess.run(
         [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool', ROOT / 'tools' / 'benchmark.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def read_csv(path: Path):
+    """Rows of a CSV file as dicts, the numeric columns (their names end in
+    a unit) as floats; an empty cell is None."""
+    rows = list(csv.DictReader(path.open()))
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith(('_ms', '_MB', '_GFLOPs', '_x')):
+                row[key] = None if value == '' else float(value)
+    return rows
 
 
 def check_png(path: Path):
@@ -57,9 +84,11 @@ def test_config_mode(tmp_path, text, size, layers):
     config = tmp_path / 'cfg.py'
     config.write_text(text)
     out = tmp_path / 'out'
-    stdout = run_tool(str(config), '--input-size', size, size, '--iters', '2',
-                      '--warmup', '1', '--out', str(out))
+    stdout = run_tool(str(config), '--input-size', size, size,
+                      '--batch-size', '2', '--iters', '2', '--warmup', '1',
+                      '--out', str(out)).stdout
     assert 'vanilla/filtered' in stdout and 'forward ms' in stdout
+    assert f'{size}x{size} (--input-size), batch 2 (--batch-size)' in stdout
     result = json.loads((out / 'benchmark.json').read_text())
     assert set(result['filtered_layers']) == layers
     van, fil = result['vanilla'], result['filtered']
@@ -75,9 +104,20 @@ def test_config_mode(tmp_path, text, size, layers):
         assert result['ratios'][key] == pytest.approx(statistics.median(
             v / f for v, f in zip(van[key]['samples'], fil[key]['samples'])))
     assert van['peak_bytes'] > 0 and fil['peak_bytes'] > 0
-    assert result['ratios']['layer_flops'] > 1
-    rows = list(csv.reader((out / 'benchmark.csv').open()))
-    assert [r[0] for r in rows] == ['model', 'vanilla', 'filtered']
+    rows = {row['layer']: row for row in read_csv(out / 'benchmark.csv')}
+    assert list(rows) == ['whole model', *result['filtered_layers'],
+                          'filtered layers (sum)']
+    whole, total = rows['whole model'], rows['filtered layers (sum)']
+    assert whole['step_speedup_x'] == pytest.approx(result['ratios']['step'])
+    assert whole['backward_vanilla_ms'] == pytest.approx(
+        van['backward']['median'])
+    assert whole['peak_filtered_MB'] == pytest.approx(
+        fil['peak_bytes'] / 2**20)
+    assert total['backward_flops_ratio_x'] > 1
+    for path in layers:  # measured per step, not per layer
+        assert rows[path]['step_vanilla_ms'] is None
+        assert rows[path]['saved_filtered_MB'] == pytest.approx(
+            fil['layers'][path]['saved_bytes'] / 2**20)
     check_png(out / 'benchmark.png')
 
 
@@ -89,10 +129,13 @@ def test_layer_mode(tmp_path):
         dict(name='depthwise', in_channels=8, out_channels=8, kernel_size=3,
              size=16, groups=8),
     ]))
-    out = tmp_path / 'out'
     stdout = run_tool('--layers', str(shapes), '--radius', '2', '4',
-                      '--iters', '2', '--warmup', '1', '--out', str(out))
+                      '--iters', '2', '--warmup', '1', cwd=tmp_path).stdout
     assert 'bwd speedup' in stdout
+    assert 'vanilla:  nn.Conv2d, PyTorch\'s backward' in stdout  # the legend
+    # the file's own folder, not the built-in suite's
+    out = tmp_path / 'work_dirs' / 'benchmark' / 'layers_shapes'
+    assert not (tmp_path / 'work_dirs' / 'benchmark' / 'layers').exists()
     saved = json.loads((out / 'layers.json').read_text())
     assert saved['complete'] is True
     results = saved['results']
@@ -103,9 +146,19 @@ def test_layer_mode(tmp_path):
     assert dense_r4['backward_speedup'] == pytest.approx(statistics.median(
         v / f for v, f in zip(van['backward']['samples'],
                               fil['backward']['samples'])))
+    assert dense_r4['forward_speedup'] == pytest.approx(statistics.median(
+        v / f for v, f in zip(van['forward']['samples'],
+                              fil['forward']['samples'])))
     # 3x3 taps summed and 4x4 patches: 16 * 9 times fewer products
     assert dense_r4['vanilla']['backward_flops'] > \
         100 * (dense_r4['filtered']['backward_flops'] - 2 * 8 * 16 * 16)
+    table = read_csv(out / 'layers.csv')
+    assert [(r['layer'], r['radius']) for r in table] == [
+        ('dense', '2'), ('dense', '4'), ('depthwise', '2'), ('depthwise', '4')]
+    assert table[1]['backward_speedup_x'] == pytest.approx(
+        dense_r4['backward_speedup'])
+    assert table[1]['forward_filtered_ms'] == pytest.approx(
+        fil['forward']['median'])
     check_png(out / 'layers.png')
 
 
@@ -179,10 +232,7 @@ def test_bad_layer_file_stops_before_measuring(tmp_path):
 
 
 def test_layer_results_survive_a_crash(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_tool', ROOT / 'tools' / 'benchmark.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool()
     measured = []
 
     def bench_layer(shape, radius, *args):
@@ -202,3 +252,80 @@ def test_layer_results_survive_a_crash(tmp_path, monkeypatch):
     assert saved['complete'] is False
     assert saved['results'] == [dict(name='dense3x3 640-128 @64', radius=2)]
     assert not (out / 'layers.json.tmp').exists()
+
+
+def test_demo_config_at_its_own_size(tmp_path):
+    # the tool's defaults are the config's training size and batch, as the
+    # config says them (its crop_size; no crop in its pipeline)
+    pytest.importorskip('mmseg')
+    cfg = Config.fromfile(str(DEMO))
+    assert not any(t['type'] in ('RandomCrop', 'RandomResizedCrop', 'Resize')
+                   for t in cfg.train_dataloader.dataset.pipeline)
+    size, batch = list(cfg.crop_size), cfg.train_dataloader.batch_size
+    out = tmp_path / 'out'
+    proc = run_tool(str(DEMO), '--iters', '1', '--warmup', '0', '--out',
+                    str(out))
+    result = json.loads((out / 'benchmark.json').read_text())
+    assert result['input_size'] == size
+    assert result['env']['batch_size'] == batch
+    assert (f'{size[0]}x{size[1]} (config: crop_size), batch {batch} '
+            '(config: train_dataloader.batch_size)') in proc.stdout
+    # a legend under the tables says what the columns are
+    legend = proc.stdout.split('filtered layers (sum)')[1]
+    assert 'vanilla:  the config\'s model with the config\'s freezing and no ' \
+        'gradient filter (PyTorch\'s backward)' in legend
+    assert 'above 1 the filter is faster' in legend
+    # only what the tool has to say
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, noise
+
+
+@pytest.mark.parametrize('pipeline,expected', [
+    # as MMSeg's VOC: a random rescale, then a crop, (h, w)
+    ([dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0)),
+      dict(type='RandomCrop', crop_size=(512, 256))],
+     ((512, 256), 'train pipeline RandomCrop crop_size')),
+    # CIFAR upsampled for an ImageNet model: the last fixed size wins;
+    # mmcv's Resize scale is (w, h)
+    ([dict(type='RandomCrop', crop_size=32, padding=4),
+      dict(type='Resize', scale=(320, 240))],
+     ((240, 320), 'train pipeline Resize scale')),
+    ([dict(type='mmpretrain.RandomResizedCrop', scale=224),
+      dict(type='Resize', scale=(512, 512), keep_ratio=True)],
+     ((224, 224), 'train pipeline RandomResizedCrop scale')),
+    ([dict(type='PackInputs')], None),
+])
+def test_train_input_size_from_the_pipeline(pipeline, expected):
+    # inside a dataset wrapper, as the user-split configs have it
+    cfg = Config(dict(train_dataloader=dict(dataset=dict(
+        type='UserSplitDataset', dataset=dict(pipeline=pipeline)))))
+    assert train_input_size(cfg) == expected
+
+
+def test_train_input_size_elsewhere():
+    model = dict(data_preprocessor=dict(size=(48, 40)))
+    assert train_input_size(Config(dict(model=model))) == (
+        (48, 40), 'model.data_preprocessor.size')
+    assert train_input_size(Config(dict(crop_size=(32, 24), model=model))) \
+        == ((32, 24), 'crop_size')
+
+
+def test_no_size_in_the_config_asks_for_one():
+    tool = load_tool()
+    args = argparse.Namespace(config='cfg.py', input_size=None,
+                              batch_size=None)
+    cfg = Config(dict(train_dataloader=dict(batch_size=4, dataset=dict(
+        pipeline=[dict(type='PackInputs')]))))
+    with pytest.raises(SystemExit, match='cfg.py names no training size.*'
+                       'give --input-size H W'):
+        tool.size_and_batch(args, cfg)
+    args.input_size = [8, 8]
+    assert tool.size_and_batch(args, cfg)[:2] == ((8, 8), 4)
+
+
+def test_help_shows_the_defaults():
+    proc = run_tool('--help')
+    text = ' '.join(proc.stdout.split())
+    assert "default: the config's training size" in text
+    assert "default: the config's train_dataloader.batch_size" in text
+    assert '(default: 10)' in text and '(default: 3)' in text

@@ -1,5 +1,6 @@
-"""Gradient fidelity: ``mmgradfilt.benchmark.fidelity`` and
+"""Gradient fidelity: ``mmgradfilt.analysis.fidelity`` and
 tools/grad_fidelity.py on the demo config."""
+import csv
 import json
 import subprocess
 import sys
@@ -12,14 +13,18 @@ import torch.nn.functional as F
 
 from mmengine.model import BaseModel
 
-from mmgradfilt.benchmark.fidelity import (GradientRecorder, cosine,
-                                           layer_fidelity, measure_fidelity,
-                                           relative_error)
+from mmgradfilt.analysis.fidelity import (GradientRecorder, cosine,
+                                          layer_fidelity, measure_fidelity,
+                                          relative_error)
 from mmgradfilt.layers import GradFilterConv2d
 
 ROOT = Path(__file__).resolve().parents[2]
 FILT = (ROOT / 'configs' / 'demo_seg' /
         'deeplabv3_r18-tiny-d8_filt5L_1xb8-300_digits-shift-64x64.py')
+CALIB = 'deeplabv3_r18-tiny-d8_calib_1xb8-1k_digits-64x64'
+# what third-party code printed on every run (deprecations, the profiler and
+# CUDA probing on a CPU machine): none of it is the tools' to say
+NOISE = ('pkg_resources', 'USDT', 'gpuGetDeviceCount', 'Warning')
 
 
 def smooth_field(*shape: int, width: int = 9) -> torch.Tensor:
@@ -163,6 +168,9 @@ def test_tool_on_demo_config(tmp_path):
                     '2', '--radius', '2', '4', '--out', str(out), *options)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'dW cos (taps shared)' in proc.stdout
+    assert 'exact: PyTorch\'s conv backward' in proc.stdout  # the legend
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, noise
     saved = json.loads((out / 'fidelity.json').read_text())
     rows = {(row['layer'], row['radius'][0]): row for row in saved['layers']}
     names = {'decode_head.bottleneck.conv',
@@ -180,7 +188,11 @@ def test_tool_on_demo_config(tmp_path):
     # the frozen backbone feeds the ASPP: no input gradient to compare
     assert rows['decode_head.aspp_modules.1.conv', 2]['input_cos'] is None
     assert rows['decode_head.bottleneck.conv', 2]['input_cos'] is not None
-    assert (out / 'fidelity.csv').read_text().count('\n') == 11
+    table = list(csv.DictReader((out / 'fidelity.csv').open()))
+    assert len(table) == 10
+    for row in table:  # numbers, empty where not computed
+        assert -1 <= float(row['weight_cos']) <= 1
+        assert row['input_cos'] == '' or float(row['input_cos']) <= 1
     assert (out / 'fidelity.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     missing = tmp_path / 'nope.pth'
@@ -203,3 +215,13 @@ def test_tool_on_demo_config(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.splitlines()[-1].startswith('training data: ')
     assert 'tools/dataset_converters/digits_seg.py' in proc.stderr
+
+
+def test_missing_demo_checkpoint_names_the_command(tmp_path):
+    pytest.importorskip('mmseg')
+    missing = tmp_path / CALIB / 'iter_1000.pth'
+    proc = run_tool(str(FILT), '--cfg-options', f'load_from={missing}')
+    assert proc.returncode != 0
+    assert (f'"{missing}" (set by --checkpoint or load_from), written by '
+            f'`make demo` or `python tools/train.py configs/demo_seg/'
+            f'{CALIB}.py`') in proc.stderr

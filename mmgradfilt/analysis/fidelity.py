@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..layers import GradFilterConv2d
 from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
-from .report import pair_label
+from ..report import Column, Table, pair_label, radius_bars, save_figure
 
 METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
            'shared_weight_cos')
@@ -181,13 +181,42 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
     return rows
 
 
-def fidelity_table(rows: Sequence[Dict]) -> Tuple[List[str], List[List]]:
-    """Headers and rows of :func:`measure_fidelity`'s results for printing."""
-    headers = ['filtered layer', 'kernel', 'dilation', 'radius', 'dW cos',
-               'dW rel err', 'dx cos', 'dx rel err', 'dW cos (taps shared)']
-    table = [[
+FIDELITY_COLUMNS = [
+    Column('filtered layer', 'layer'), Column('kernel', 'kernel'),
+    Column('dilation', 'dilation'), Column('radius', 'radius'),
+    Column('dW cos', 'weight_cos', '.3f'),
+    Column('dW rel err', 'weight_rel_error', '.3f'),
+    Column('dx cos', 'input_cos', '.3f'),
+    Column('dx rel err', 'input_rel_error', '.3f'),
+    Column('dW cos (taps shared)', 'shared_weight_cos', '.3f'),
+]
+
+FIDELITY_LEGEND = '\n'.join([
+    'filtered: the gradients GradFilterConv2d computes (what training '
+    'uses); exact: PyTorch\'s conv backward of the same input and output '
+    'gradient',
+    'dW, dx: weight and input gradient; cos: cosine similarity (1: the same '
+    'direction); rel err: |filtered - exact| / |exact|',
+    'dW cos (taps shared): the paper\'s weight gradient, one value for all '
+    'taps of a filter, where the taps fall in different patches',
+    '-: not computed (dx: the layer\'s input needs no gradient; taps shared: '
+    'the filtered dW is that one already)',
+])
+
+
+def fidelity_table(rows: Sequence[Dict]) -> Table:
+    """:func:`measure_fidelity`'s results, printed and as CSV."""
+    return Table(FIDELITY_COLUMNS, [[
         r['layer'], 'x'.join(map(str, r['kernel_size'])),
         pair_label(r['dilation']), pair_label(r['radius']),
-        *('-' if r[m] is None else f'{r[m]:.3f}' for m in METRICS)
-    ] for r in rows]
-    return headers, table
+        *(r[m] for m in METRICS)
+    ] for r in rows])
+
+
+def plot_fidelity(path: str, rows: Sequence[Dict], title: str) -> None:
+    """Cosine of the filtered and exact weight gradients per layer and radius."""
+    fig, ax = radius_bars(rows, 'layer', 'weight_cos')
+    ax.set_ylim(min(0.0, *(r['weight_cos'] for r in rows)), 1.0)
+    ax.set_ylabel('cosine, filtered vs exact weight gradient')
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
