@@ -1,5 +1,10 @@
-"""Model surgery: install gradient filters and freeze layers by dotted path."""
+"""Model surgery: install gradient filters, freeze layers by dotted path and
+make a model's training step lean."""
+import ast
 import difflib
+import functools
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -7,6 +12,10 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import GradFilterConv2d, check_radius
+from .memory.activations import LEAN_ACTIVATIONS, lean_activation
+from .memory.norm import install_filtered_norm
+from .memory.seg_loss import install_lean_loss, lean_loss_support
+from .report import pair_label
 
 
 @dataclass
@@ -18,6 +27,15 @@ class FilterRecord:
     dilation: Tuple[int, int]
     radius: Tuple[int, int]
     status: str  # 'installed', 'updated' (new radius) or 'unchanged'
+
+
+@dataclass
+class LeanRecord:
+    """One part of a model seen by :func:`make_lean`."""
+    part: str  # 'activation', 'loss' or 'norm'
+    path: str
+    status: str  # 'lean', 'unchanged' (lean already) or 'not lean'
+    detail: str  # what it keeps for backward now, or why it is left as it is
 
 
 @dataclass
@@ -202,3 +220,122 @@ def eval_norms(model: nn.Module) -> List[str]:
     return [name for name, module in model.named_modules()
             if isinstance(module, _BatchNorm)
             and _keep_eval in module._forward_pre_hooks.values()]
+
+
+# activations of torch and MMCV that have no 1-bit backward: reported, kept
+_OTHER_ACTIVATION_MODULES = (
+    'torch.nn.modules.activation', 'mmcv.cnn.bricks.activation',
+    'mmcv.cnn.bricks.hsigmoid', 'mmcv.cnn.bricks.hswish',
+    'mmcv.cnn.bricks.swish')
+_FUNCTIONAL_ACTIVATIONS = {'relu', 'relu_', 'relu6', 'leaky_relu',
+                           'leaky_relu_', 'hardtanh', 'hardtanh_'}
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any((module._forward_pre_hooks, module._forward_hooks,
+                module._backward_pre_hooks, module._backward_hooks))
+
+
+def _activation_record(path: str, module: nn.Module) -> Tuple[LeanRecord, bool]:
+    """The record of one module that may be an activation (None if it is
+    not one), and whether to swap it for its lean twin."""
+    name = type(module).__name__
+    if isinstance(module, tuple(LEAN_ACTIVATIONS.values())):
+        return LeanRecord('activation', path, 'unchanged',
+                          f'{name}: 1-bit mask'), False
+    if type(module) in LEAN_ACTIVATIONS:
+        if _has_hooks(module):
+            return LeanRecord('activation', path, 'not lean',
+                              f'{name} has module hooks, which a swap would '
+                              'drop'), False
+        return LeanRecord('activation', path, 'lean',
+                          f'{name} -> 1-bit mask'), True
+    if (type(module).__module__ in _OTHER_ACTIVATION_MODULES
+            and not isinstance(module, nn.MultiheadAttention)):
+        return LeanRecord('activation', path, 'not lean',
+                          f'{name} has no 1-bit backward'), False
+    return None, False
+
+
+@functools.lru_cache(maxsize=None)
+def _functional_activations(cls: type) -> Tuple[str, ...]:
+    """Activation calls (``F.relu(...)``, ``x.relu_()``) in the source of
+    ``cls.forward``, which no module swap reaches."""
+    forward = getattr(cls, 'forward', None)
+    if forward is None or forward.__module__.startswith('torch.'):
+        return ()
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return ()  # no source to read (a C extension, an interactive class)
+    # self.relu(x) calls a submodule, which the swap reaches
+    calls = [ast.unparse(node.func) for node in ast.walk(tree)
+             if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute)
+             and node.func.attr in _FUNCTIONAL_ACTIVATIONS
+             and not (isinstance(node.func.value, ast.Name)
+                      and node.func.value.id == 'self')]
+    return tuple(dict.fromkeys(calls))
+
+
+def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
+    """Make what ``model``'s training step keeps for backward smaller.
+
+    Exact (same forward, same gradients): ReLU, ReLU6 and LeakyReLU modules
+    become their 1-bit-mask twins (:mod:`mmgradfilt.memory.activations`), and
+    each MMSeg decode head whose loss :func:`lean_loss_support` accepts gets
+    the banded loss that keeps head-size logits only. With ``filter_norm``,
+    also each BatchNorm2d right after a :class:`GradFilterConv2d` becomes a
+    :class:`~mmgradfilt.memory.FilteredBatchNorm2d` (approximate: patch
+    statistics). Every part is checked before any is changed; a part the lean
+    path does not know is left as it is, and its record says why. Parameters
+    and state_dict keys do not change.
+
+    Args:
+        model (nn.Module): The model, changed in place.
+        filter_norm (bool): Also filter the BatchNorms behind filtered convs.
+            Defaults to False.
+
+    Returns:
+        list[LeanRecord]: Activations (modules, and calls in a forward that
+        no swap reaches), decode-head losses and, with ``filter_norm``,
+        normalization layers: which are lean and which are not, and why.
+    """
+    if not isinstance(filter_norm, bool):
+        raise TypeError(f'filter_norm must be a bool, got {filter_norm!r}')
+    records, swaps, heads = [], {}, []
+    for path, module in model.named_modules():
+        record, swap = _activation_record(path, module)
+        if record is not None:
+            records.append(record)
+        if swap:
+            swaps[id(module)] = lean_activation(module)
+        for call in _functional_activations(type(module)):
+            records.append(LeanRecord(
+                'activation', path, 'not lean',
+                f'{call}() in {type(module).__name__}.forward: a functional '
+                'call cannot be swapped'))
+        if isinstance(getattr(module, 'loss_decode', None), nn.Module):
+            reason = lean_loss_support(module)
+            records.append(LeanRecord(
+                'loss', path, 'not lean' if reason else 'lean',
+                reason or 'banded cross-entropy: keeps head-size logits and '
+                'compact labels'))
+            if reason is None:
+                heads.append(module)
+
+    _replace_modules(model, swaps)
+    for head in heads:
+        install_lean_loss(head)
+    if filter_norm:
+        for norm in install_filtered_norm(model):
+            if norm.status == 'skipped':
+                records.append(LeanRecord('norm', norm.path, 'not lean',
+                                          f'{norm.type}: {norm.reason}'))
+            else:
+                records.append(LeanRecord(
+                    'norm', norm.path,
+                    'unchanged' if norm.status == 'unchanged' else 'lean',
+                    f'{norm.type} -> patch statistics (radius '
+                    f'{pair_label(norm.radius)}, after {norm.conv})'))
+    return records

@@ -10,12 +10,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..report import count_parameters, format_table, trained_modules
 from ..surgery import (check_filter_install, check_freeze_rules, eval_norms,
-                       freeze_layers, get_module, install_gradient_filter)
+                       freeze_layers, get_module, install_gradient_filter,
+                       make_lean)
 
 
 @HOOKS.register_module()
 class GradientFilterHook(Hook):
-    """Install gradient filters and freeze layers before a run starts.
+    """Install gradient filters, freeze layers and make the step lean before
+    a run starts.
 
     The surgery happens in ``before_run``: after the optimizer is built (it
     keeps the same ``Parameter`` objects, so the optimizer stays valid) and
@@ -32,6 +34,12 @@ class GradientFilterHook(Hook):
             Defaults to ().
         norm_eval (bool): Keep BatchNorm layers of frozen parts in eval mode.
             Defaults to True.
+        lean_memory (bool): Then make the step keep less for backward with
+            :func:`mmgradfilt.surgery.make_lean` (exact: 1-bit activation
+            masks, the banded segmentation loss). Defaults to True.
+        filter_norm (bool): Also replace the BatchNorms right after filtered
+            convs by patch-statistics ones (approximate); needs
+            ``lean_memory``. Defaults to False.
     """
 
     priority = 'VERY_HIGH'
@@ -39,11 +47,23 @@ class GradientFilterHook(Hook):
     def __init__(self,
                  filter_install: Sequence[dict] = (),
                  freeze_layers: Sequence[str] = (),
-                 norm_eval: bool = True) -> None:
+                 norm_eval: bool = True,
+                 lean_memory: bool = True,
+                 filter_norm: bool = False) -> None:
         check_filter_install(filter_install)
+        for name, value in (('norm_eval', norm_eval),
+                            ('lean_memory', lean_memory),
+                            ('filter_norm', filter_norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f'{name} must be a bool, got {value!r}')
+        if filter_norm and not lean_memory:
+            raise ValueError('filter_norm=True is part of the lean step: it '
+                             'needs lean_memory=True')
         self.filter_install = list(filter_install)
         self.freeze_layers = check_freeze_rules(freeze_layers)
         self.norm_eval = norm_eval
+        self.lean_memory = lean_memory
+        self.filter_norm = filter_norm
 
     def apply(self, model: nn.Module) -> str:
         """Do the surgery on ``model``; return the report to log."""
@@ -51,6 +71,8 @@ class GradientFilterHook(Hook):
             get_module(model, rule.lstrip('~'))
         records = install_gradient_filter(model, self.filter_install)
         rules = freeze_layers(model, self.freeze_layers, self.norm_eval)
+        # after freezing: the filtered BatchNorms skip the frozen ones
+        lean = make_lean(model, self.filter_norm) if self.lean_memory else []
         frozen = [r.path for r in records
                   if not model.get_submodule(r.path).weight.requires_grad]
         if frozen:
@@ -75,6 +97,12 @@ class GradientFilterHook(Hook):
                          f'fixed): {len(norms)}')
         lines.append(f'Trainable parameters: {trainable:,} / {total:,} '
                      f'({100 * trainable / max(total, 1):.2f}%)')
+        if self.lean_memory:
+            num_lean = sum(r.status != 'not lean' for r in lean)
+            lines += [f'Lean memory: {num_lean} of {len(lean)} part(s) lean:',
+                      format_table(['part', 'path', 'status', 'detail'],
+                                   [[r.part, r.path, r.status, r.detail]
+                                    for r in lean])]
         return '\n'.join(lines)
 
     def before_run(self, runner) -> None:

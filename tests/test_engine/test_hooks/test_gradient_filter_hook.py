@@ -11,6 +11,7 @@ from mmengine.testing import RunnerTestCase
 from torch.utils.data import Dataset
 
 from mmgradfilt import GradFilterConv2d, GradientFilterHook
+from mmgradfilt.memory import LeanReLU
 
 
 class ToyConvModel(BaseModel):
@@ -110,6 +111,29 @@ class TestGradientFilterHook(RunnerTestCase):
         assert 'Frozen BatchNorms in eval mode (running statistics fixed): 1' \
             in log
 
+    def test_lean_memory_trains_exactly_as_without(self):
+        states, logs = [], []
+        for lean_memory in (False, True):
+            cfg = copy.deepcopy(self.iter_based_cfg)
+            cfg.custom_hooks = [dict(HOOK, lean_memory=lean_memory)]
+            cfg.work_dir = osp.join(self.temp_dir.name, str(lean_memory))
+            cfg.experiment_name = f'lean_{lean_memory}'
+            runner = self.build_runner(cfg)
+            runner.train()
+            states.append(runner.model.state_dict())
+            logs.append(open(osp.join(runner.log_dir,
+                                      f'{runner.timestamp}.log')).read())
+        # 1-bit masks give torch's gradients bit for bit
+        assert states[0].keys() == states[1].keys()
+        for key, value in states[0].items():
+            assert torch.equal(states[1][key], value), key
+        assert type(runner.model.body[2]) is LeanReLU
+        assert 'Lean memory' not in logs[0]
+        assert 'Lean memory: 2 of 2 part(s) lean:' in logs[1]
+        assert 'activation  body.2  lean    ReLU -> 1-bit mask' in logs[1]
+        # the lines before it are kept
+        assert 'Trained modules: body, head\n' in logs[1]
+
     def test_resume_continues_exactly(self):
         cfg = copy.deepcopy(self.iter_based_cfg)
         runner = self.build_runner(cfg)
@@ -152,3 +176,15 @@ def test_hook_rejects_bad_config_at_build():
         GradientFilterHook(filter_install=[dict(path='body', r=4)])
     with pytest.raises(TypeError, match='list of str'):
         GradientFilterHook(freeze_layers='backbone')
+
+
+@pytest.mark.parametrize('name', ['lean_memory', 'filter_norm', 'norm_eval'])
+@pytest.mark.parametrize('value', ['yes', 1, None])
+def test_hook_rejects_non_bool_flags(name, value):
+    with pytest.raises(TypeError, match=f'{name} must be a bool, got {value!r}'):
+        GradientFilterHook(**{name: value})
+
+
+def test_hook_rejects_filter_norm_without_lean_memory():
+    with pytest.raises(ValueError, match='needs lean_memory=True'):
+        GradientFilterHook(lean_memory=False, filter_norm=True)
