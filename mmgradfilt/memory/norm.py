@@ -40,7 +40,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import Tensor
@@ -51,7 +50,7 @@ from ..layers import GradFilterConv2d, check_radius
 from ..layers.grad_filter_conv2d import RadiusType
 from ..ops import GradFilterConv2dFunction
 from ..ops.backend import select
-from ..ops.grad_filter_conv import grid_dtype, pool_blocks, sum_patches
+from ..ops.grad_filter_conv import sum_patches
 
 __all__ = [
     'FilteredBatchNormFunction', 'filtered_batch_norm', 'FilteredBatchNorm2d',
@@ -69,23 +68,30 @@ def _channels(t: Tensor) -> Tensor:
     return t.view(1, -1, 1, 1)
 
 
+def _patch_sizes(x: Tensor, radius: IntPair) -> Tensor:
+    """``|P|`` of each patch of ``x``'s map, through the tiling of the sums."""
+    return sum_patches(x.new_ones(1, 1, *x.shape[-2:]), radius)
+
+
 class FilteredBatchNormFunction(torch.autograd.Function):
-    """Training-mode ``F.batch_norm`` forward, patch-filtered backward."""
+    """Training-mode batch-norm forward, patch-filtered backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], momentum: float, eps: float,
                 radius: IntPair) -> Tensor:
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, True,
-                           momentum, eps)
-        acc = grid_dtype(x.dtype)
-        # 16-bit statistics lose the mean's digits that xhat depends on
-        var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
-        invstd = torch.rsqrt(var + eps)
-        # xhat is affine in x, so its patch means are those of x, normalized
-        xhat = (pool_blocks(x, radius).to(acc) - _channels(mean)) * _channels(
-            invstd)
+        # the op F.batch_norm runs on CPU (cuDNN's on CUDA agrees within
+        # rounding), which also returns the batch mean and 1/std (float32 for
+        # 16-bit inputs): one pass over x for the output and the statistics
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias,
+                                                    running_mean, running_var,
+                                                    True, momentum, eps)
+        # xhat is affine in x, so its patch means are those of x, normalized;
+        # from float32 sums, so that 16-bit means keep the digits that the
+        # centering leaves
+        means = sum_patches(x, radius) / _patch_sizes(x, radius)
+        xhat = (means.to(mean) - _channels(mean)) * _channels(invstd)
         ctx.save_for_backward(xhat.to(x.dtype), invstd, weight)
         ctx.radius = radius
         ctx.size = tuple(x.shape[-2:])
@@ -104,11 +110,10 @@ class FilteredBatchNormFunction(torch.autograd.Function):
         if need_x:
             m = grad_out.numel() // grad_out.shape[1]
             scale = invstd if weight is None else weight.to(invstd) * invstd
-            # |P| of each patch, through the same tiling as the sums
-            count = sum_patches(grad_out.new_ones(1, 1, *ctx.size), ctx.radius)
-            dx_sums = _channels(scale.to(g_sums)) * (
-                g_sums - count * _channels(grad_b / m) -
-                count * xhat * _channels(grad_w / m))
+            count = _patch_sizes(grad_out, ctx.radius)
+            shift = torch.addcmul(_channels(grad_b / m), xhat,
+                                  _channels(grad_w / m)).mul_(count)
+            dx_sums = (g_sums - shift).mul_(_channels(scale.to(g_sums)))
             # each pixel gets its patch's mean: the patch-constant dx
             grad_x = select(dx_sums).broadcast_blocks(
                 dx_sums, ctx.radius, ctx.size, grad_out.dtype)
@@ -137,7 +142,8 @@ def filtered_batch_norm(x: Tensor, weight: Optional[Tensor],
 
     Returns:
         Tensor: ``F.batch_norm(x, running_mean, running_var, weight, bias,
-        True, momentum, eps)``.
+        True, momentum, eps)``: the same op on CPU, within rounding of cuDNN's
+        on CUDA.
     """
     return FilteredBatchNormFunction.apply(x, weight, bias, running_mean,
                                            running_var, momentum, eps,
