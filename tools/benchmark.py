@@ -43,10 +43,10 @@ def parse_args() -> argparse.Namespace:
                         help='layer mode: the built-in suite, or a JSON file '
                         'with a list of ConvShape fields')
     parser.add_argument('--radius', type=int, nargs='+', default=[2, 4, 7, 8],
-                        help='layer mode: radii to time (default: '
+                        metavar='R', help='layer mode: radii to time (default: '
                         '%(default)s)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
-                        help='default: %(default)s')
+                        help='device to measure on (default: %(default)s)')
     parser.add_argument('--dtype', default='float32',
                         choices=['float32', 'float16', 'bfloat16'],
                         help='layer mode: data type (default: %(default)s)')
@@ -56,19 +56,20 @@ def parse_args() -> argparse.Namespace:
                         'crop_size, RandomResizedCrop scale or fixed Resize '
                         'scale of its train pipeline, else its crop_size, '
                         'else its data preprocessor\'s size)')
-    parser.add_argument('--batch-size', type=int,
+    parser.add_argument('--batch-size', type=int, metavar='N',
                         help='default: the config\'s '
                         'train_dataloader.batch_size in config mode, '
                         f'{LAYER_BATCH_SIZE} in layer mode')
-    parser.add_argument('--iters', type=int, default=10,
+    parser.add_argument('--iters', type=int, default=10, metavar='N',
                         help='timed repeats (default: %(default)s)')
-    parser.add_argument('--warmup', type=int, default=3,
+    parser.add_argument('--warmup', type=int, default=3, metavar='N',
                         help='untimed repeats first (default: %(default)s)')
-    parser.add_argument('--threads', type=int, default=None,
+    parser.add_argument('--threads', type=int, metavar='N',
                         help='CPU threads, torch.set_num_threads (default: '
                         'torch\'s)')
-    parser.add_argument('--out', help='output folder for JSON, CSV and PNG '
-                        '(default: work_dirs/benchmark/<config name>, '
+    parser.add_argument('--out', metavar='DIR',
+                        help='output folder for JSON, CSV and PNG (default: '
+                        'work_dirs/benchmark/<config name>, '
                         'work_dirs/benchmark/layers for the built-in suite, '
                         'work_dirs/benchmark/layers_<file name> for a file)')
     add_cfg_options(parser)

@@ -31,23 +31,28 @@ from mmgradfilt.hooks.pretrained_check_hook import (CHECKPOINT_HINT,
 from mmgradfilt.report import write_json
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Filtered vs exact gradients of a config\'s layers')
     parser.add_argument('config', help='config file with a GradientFilterHook')
-    parser.add_argument('--checkpoint', help='weights to load; defaults to '
-                        'the config\'s load_from, else its own initialisation '
-                        '(pretrained backbone)')
-    parser.add_argument('--batches', type=int, default=8,
-                        help='training batches to average over')
-    parser.add_argument('--radius', type=int, nargs='+',
+    parser.add_argument('--checkpoint', metavar='PTH',
+                        help='weights to load (default: the config\'s '
+                        'load_from, else its own initialisation, pretrained '
+                        'backbone included)')
+    parser.add_argument('--batches', type=int, default=8, metavar='N',
+                        help='training batches to average over (default: '
+                        '%(default)s)')
+    parser.add_argument('--radius', type=int, nargs='+', metavar='R',
                         help='radii to compare on the same recorded '
                         'gradients (default: each layer\'s own)')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
+                        help='device to run on (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0,
-                        help='seed of the data order and augmentation')
-    parser.add_argument('--out', help='output folder for JSON, CSV and PNG; '
-                        'defaults to work_dirs/grad_fidelity/<config>')
+                        help='seed of the data order and augmentation '
+                        '(default: %(default)s)')
+    parser.add_argument('--out', metavar='DIR',
+                        help='output folder for JSON, CSV and PNG (default: '
+                        'work_dirs/grad_fidelity/<config name>)')
     add_cfg_options(parser)
     args = parser.parse_args()
     check_analysis_args(parser, args)

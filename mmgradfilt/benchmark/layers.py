@@ -2,7 +2,7 @@
 import json
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
