@@ -2,6 +2,7 @@
 global, one file can be trusted explicitly."""
 
 import copy
+import datetime
 import logging
 import os
 import os.path as osp
@@ -54,92 +55,13 @@ def payload(request, tmp_path):
     return str(path), marker, name
 
 
-def _assert_refused(load, path, marker, name):
+def _assert_refused(load, path, marker):
+    """``load(path)`` raises an UnpicklingError, without running the payload;
+    return its message."""
     with pytest.raises(pickle.UnpicklingError) as info:
         load(path)
     assert not marker.exists()
     return str(info.value)
-
-
-def test_payload_is_live(payload):
-    # what the refusals below prevent: a full unpickle runs the call
-    path, marker, _ = payload
-    torch.load(path, weights_only=False)
-    assert marker.exists()
-
-
-def test_torch_load_refuses_payload(payload):
-    path, marker, name = payload
-    assert name in _assert_refused(torch.load, path, marker, name)
-
-
-@pytest.mark.parametrize(
-    'load',
-    [
-        CheckpointLoader.load_checkpoint,
-        lambda path: load_checkpoint(torch.nn.Linear(1, 1), path),
-    ],
-    ids=['CheckpointLoader', 'load_checkpoint'],
-)
-def test_mmengine_loaders_refuse_payload_naming_it(payload, load):
-    path, marker, name = payload
-    message = _assert_refused(load, path, marker, name)
-    assert f'does not allow: {name}' in message
-    assert TRUSTED_ENV in message
-
-
-@pytest.mark.parametrize('resume', [False, True], ids=['load_from', 'resume'])
-def test_runner_refuses_payload(payload, resume, seg_cfg, tmp_path):
-    path, marker, name = payload
-    cfg = copy.deepcopy(seg_cfg)
-    cfg.merge_from_dict(dict(work_dir=str(tmp_path / 'run'), load_from=path, resume=resume))
-    runner = Runner.from_cfg(cfg)
-    message = _assert_refused(lambda _: runner.train(), path, marker, name)
-    assert name in message
-    assert runner.iter == 0
-
-
-def test_legacy_format_payload_is_refused_naming_it(tmp_path):
-    # PyTorch < 1.6 files are no zip: the name comes from the unpickler
-    marker = tmp_path / 'ran'
-    call, name = _touch_calls(marker)[1]
-    path = str(tmp_path / 'legacy.pth')
-    torch.save({'meta': call}, path, _use_new_zipfile_serialization=False)
-    assert name in _assert_refused(CheckpointLoader.load_checkpoint, path, marker, name)
-
-
-def test_getattr_resolves_history_buffer_statistics_only(tmp_path):
-    # pickle writes HistoryBuffer.min as getattr(HistoryBuffer, 'min'): allowed
-    path = str(tmp_path / 'ok.pth')
-    torch.save({'m': Call(getattr, HistoryBuffer, 'min')}, path)
-    assert CheckpointLoader.load_checkpoint(path)['m'] is HistoryBuffer.min
-    # any other attribute of an allowed object is refused, by name
-    torch.save({'m': Call(getattr, np.ndarray, 'tofile')}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r'numpy\.ndarray\.tofile'):
-        CheckpointLoader.load_checkpoint(path)
-
-
-def test_numpy_dtype_outside_the_list_is_named(tmp_path):
-    path = str(tmp_path / 'int32.pth')
-    torch.save({'x': np.arange(3, dtype=np.int32)}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r'allow: numpy\.dtypes\.Int32DType'):
-        CheckpointLoader.load_checkpoint(path)
-
-
-@pytest.fixture(scope='module')
-def runner_checkpoint(seg_cfg, tmp_path_factory):
-    """An MMSeg Runner checkpoint: SGD momentum, a MultiStepLR, a message hub."""
-    work_dir = tmp_path_factory.mktemp('runner_ckpt')
-    cfg = copy.deepcopy(seg_cfg)
-    cfg.merge_from_dict(
-        dict(
-            work_dir=str(work_dir),
-            param_scheduler=[dict(type='MultiStepLR', milestones=[1], by_epoch=False)],
-            train_cfg=dict(max_iters=2),
-        )
-    )
-    Runner.from_cfg(cfg).train()
-    return str(work_dir / 'iter_2.pth')
 
 
 def _assert_same(a, b, where='checkpoint'):
@@ -163,6 +85,116 @@ def _assert_same(a, b, where='checkpoint'):
         assert a == b, where
 
 
+def test_payload_is_live(payload):
+    # what the refusals below prevent: a full unpickle runs the call
+    path, marker, _ = payload
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_torch_load_refuses_payload(payload):
+    path, marker, name = payload
+    assert name in _assert_refused(torch.load, path, marker)
+
+
+@pytest.mark.parametrize(
+    'load',
+    [
+        CheckpointLoader.load_checkpoint,
+        lambda path: load_checkpoint(torch.nn.Linear(1, 1), path),
+    ],
+    ids=['CheckpointLoader', 'load_checkpoint'],
+)
+def test_mmengine_loaders_refuse_payload_naming_it(payload, load):
+    path, marker, name = payload
+    message = _assert_refused(load, path, marker)
+    assert f'does not allow: {name}' in message
+    assert TRUSTED_ENV in message
+
+
+@pytest.mark.parametrize('resume', [False, True], ids=['load_from', 'resume'])
+def test_runner_refuses_payload(payload, resume, seg_cfg, tmp_path):
+    path, marker, name = payload
+    cfg = copy.deepcopy(seg_cfg)
+    cfg.merge_from_dict(
+        dict(work_dir=str(tmp_path / 'run'), load_from=path, resume=resume)
+    )
+    runner = Runner.from_cfg(cfg)
+    message = _assert_refused(lambda _: runner.train(), path, marker)
+    assert name in message
+    assert runner.iter == 0
+
+
+def test_legacy_format_payload_is_refused_naming_it(tmp_path):
+    # PyTorch < 1.6 files are no zip: the name comes from the unpickler
+    marker = tmp_path / 'ran'
+    call, name = _touch_calls(marker)[1]
+    path = str(tmp_path / 'legacy.pth')
+    torch.save({'meta': call}, path, _use_new_zipfile_serialization=False)
+    assert name in _assert_refused(CheckpointLoader.load_checkpoint, path, marker)
+
+
+def test_getattr_resolves_history_buffer_statistics_only(tmp_path):
+    # pickle writes HistoryBuffer.min as getattr(HistoryBuffer, 'min'): allowed
+    path = str(tmp_path / 'ok.pth')
+    torch.save({'m': Call(getattr, HistoryBuffer, 'min')}, path)
+    assert CheckpointLoader.load_checkpoint(path)['m'] is HistoryBuffer.min
+    # any other attribute of an allowed object is refused, by name
+    torch.save({'m': Call(getattr, np.ndarray, 'tofile')}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r'numpy\.ndarray\.tofile'):
+        CheckpointLoader.load_checkpoint(path)
+
+
+NUMPY_VALUES = {
+    'loss history': np.array([0.5, 0.25]),
+    'counts': np.array([1, 1]),
+    'eta': np.float64(12.5),
+    'best mIoU': np.float32(32.36),
+}
+
+
+def test_numpy_values_mmengine_stores_load(tmp_path):
+    path = str(tmp_path / 'numpy.pth')
+    torch.save(NUMPY_VALUES, path)
+    _assert_same(CheckpointLoader.load_checkpoint(path), NUMPY_VALUES)
+
+
+def test_numpy_1_checkpoint_loads(tmp_path):
+    # numpy 1 names the same functions numpy.core.multiarray.*; a legacy file is
+    # one pickle stream whose GLOBAL lines can be renamed in place
+    path = tmp_path / 'numpy1.pth'
+    torch.save(NUMPY_VALUES, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert b'numpy._core.multiarray\n' in data
+    numpy1 = data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
+    path.write_bytes(numpy1)
+    _assert_same(CheckpointLoader.load_checkpoint(str(path)), NUMPY_VALUES)
+
+
+def test_numpy_dtype_outside_the_list_is_named(tmp_path):
+    path = str(tmp_path / 'int32.pth')
+    torch.save({'x': np.arange(3, dtype=np.int32)}, path)
+    refused = r'allow: numpy\.dtypes\.Int32DType'
+    with pytest.raises(pickle.UnpicklingError, match=refused):
+        CheckpointLoader.load_checkpoint(path)
+
+
+@pytest.fixture(scope='module')
+def runner_checkpoint(seg_cfg, tmp_path_factory):
+    """An MMSeg Runner checkpoint: SGD momentum, a MultiStepLR, a message hub."""
+    work_dir = tmp_path_factory.mktemp('runner_ckpt')
+    cfg = copy.deepcopy(seg_cfg)
+    cfg.merge_from_dict(
+        dict(
+            work_dir=str(work_dir),
+            param_scheduler=[dict(type='MultiStepLR', milestones=[1], by_epoch=False)],
+            train_cfg=dict(max_iters=2),
+        )
+    )
+    Runner.from_cfg(cfg).train()
+    return str(work_dir / 'iter_2.pth')
+
+
 def test_runner_checkpoint_loads_as_a_full_unpickle_would(runner_checkpoint):
     loaded = CheckpointLoader.load_checkpoint(runner_checkpoint)
     _assert_same(loaded, torch.load(runner_checkpoint, weights_only=False))
@@ -176,9 +208,9 @@ def test_runner_checkpoint_loads_as_a_full_unpickle_would(runner_checkpoint):
 
 
 def test_allowlist_is_scoped_to_the_loader(runner_checkpoint):
-    before = torch.serialization.get_safe_globals()
+    before = set(torch.serialization.get_safe_globals())  # a set's list: any order
     CheckpointLoader.load_checkpoint(runner_checkpoint)
-    assert torch.serialization.get_safe_globals() == before
+    assert set(torch.serialization.get_safe_globals()) == before
     # torch.load itself stays as strict as without mmgradfilt
     with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
         torch.load(runner_checkpoint)
@@ -256,8 +288,6 @@ def warnings_logged():
 @pytest.fixture
 def dated(tmp_path):
     """A checkpoint with a global outside the allowlist, and a copy of it."""
-    import datetime
-
     content = {'state_dict': {}, 'meta': {'date': datetime.date(2026, 1, 2)}}
     path, copy_path = tmp_path / 'dated.pth', tmp_path / 'copy' / 'dated.pth'
     copy_path.parent.mkdir()
@@ -302,4 +332,4 @@ def test_trust_is_for_the_exact_file_only(dated, monkeypatch, entry, warnings_lo
 def test_trusting_one_file_keeps_refusing_others(payload, dated, monkeypatch):
     path, marker, name = payload
     monkeypatch.setenv(TRUSTED_ENV, str(dated[0]))
-    assert name in _assert_refused(CheckpointLoader.load_checkpoint, path, marker, name)
+    assert name in _assert_refused(CheckpointLoader.load_checkpoint, path, marker)
