@@ -12,6 +12,5 @@ custom_hooks = [
         type='PretrainedCheckHook',
         hint='A fine-tuning config (user1) loads the checkpoint its '
         '*_pretrain_*-user0 config writes: train that one first. ImageNet '
-        'weights and MCUNet net configs: see the classification section of '
-        'README.md.')
+        'weights: see docs/classification.md, "Local files".')
 ]

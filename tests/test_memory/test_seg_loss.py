@@ -6,14 +6,17 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.structures import PixelData
-from mmseg.registry import MODELS
-from mmseg.structures import SegDataSample
 
-from mmgradfilt.benchmark import SavedTensorMeter
-from mmgradfilt.benchmark.memory import peak_memory_bytes
-from mmgradfilt.memory.seg_loss import (CETerm, compact_labels,
-                                        install_lean_loss, lean_loss_support,
-                                        lean_seg_loss, remove_lean_loss)
+pytest.importorskip('mmseg', reason='needs MMSegmentation')
+
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+
+from mmgradfilt.benchmark import SavedTensorMeter  # noqa: E402
+from mmgradfilt.benchmark.memory import peak_memory_bytes  # noqa: E402
+from mmgradfilt.memory.seg_loss import (  # noqa: E402
+    CETerm, compact_labels, install_lean_loss, lean_loss_support,
+    lean_seg_loss, remove_lean_loss)
 
 
 def ce(**kwargs):

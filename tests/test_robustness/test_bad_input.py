@@ -10,7 +10,7 @@ from mmengine.runner import Runner
 
 from mmgradfilt import GradFilterConv2d
 
-pytest.importorskip('mmseg')
+pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 ASPP = dict(path='decode_head.aspp_modules', radius=2)
 OLD_FILES = {'iter_2.pth': b'an earlier run', 'last_checkpoint': b'iter_2.pth'}

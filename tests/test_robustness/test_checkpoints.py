@@ -11,7 +11,7 @@ from mmengine.runner import Runner, load_checkpoint, save_checkpoint
 
 from mmgradfilt import GradFilterConv2d
 
-pytest.importorskip('mmseg')
+pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 
 class LossRecorder(Hook):

@@ -11,7 +11,7 @@ import pytest
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-mmseg = pytest.importorskip('mmseg')
+mmseg = pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 from mmgradfilt.datasets import make_digits_seg  # noqa: E402
 
