@@ -1,0 +1,374 @@
+"""The memory-budget planner: which conv layers to train, and at which
+gradient-filter radius, so that a training step fits a device's budget.
+
+Plans train a prefix of the model's convolutions in reverse order of the
+forward pass ("the last k conv layers"), each conv with the norm layer its
+output feeds, plus the head's classifier; each trained conv runs vanilla
+back-propagation or the gradient filter at one radius whose patch fits its
+output map. :mod:`.costs` measures what each prefix and each filtered layer
+costs; :func:`choose_plan` picks, within every budget and with every filtered
+layer's weight-gradient cosine at least ``min_cosine``, the plan that trains
+the most conv layers, ties broken by the higher mean cosine (a vanilla layer
+counts 1: its gradient is exact).
+"""
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import (Callable, Dict, FrozenSet, List, Optional, Sequence,
+                    Tuple)
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from ..report import trained_modules
+
+IntPair = Tuple[int, int]
+Radius = Optional[IntPair]  # None: vanilla back-propagation
+# above this many combinations, the convs that share a saved tensor are
+# chosen together (all vanilla or all at one radius) instead of one by one
+MAX_GROUP_OPTIONS = 4096
+
+
+@dataclass
+class Layer:
+    """One candidate conv layer, as the forward pass saw it.
+
+    Args:
+        path (str): The conv's dotted path.
+        norm (str, optional): The norm layer that its output feeds, trained
+            with it.
+        in_shape, out_shape (tuple[int, ...]): Its input and output shapes.
+        radii (list[tuple[int, int]]): The candidate radii whose patch fits
+            its output map.
+    """
+    path: str
+    norm: Optional[str]
+    in_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    radii: List[IntPair]
+
+    @property
+    def params(self) -> List[str]:
+        """The modules whose parameters train with this layer."""
+        return [self.path] + ([self.norm] if self.norm else [])
+
+
+def _leaf_with_params(module: nn.Module) -> bool:
+    return not list(module.children()) and any(
+        True for _ in module.parameters(recurse=False))
+
+
+def trace_layers(model: nn.Module, run: Callable[[], object],
+                 head: Optional[str] = None
+                 ) -> Tuple[List[Layer], str, List[str]]:
+    """The convs of ``model`` in the order ``run`` (a forward pass) calls
+    them, last first, the classifier they feed and what was left out.
+
+    The classifier is the last module with parameters that runs under the
+    ``head`` module (``decode_head`` or ``head`` where the model has one);
+    it is always trained and never filtered, so it is not a candidate.
+    Modules under an ``auxiliary_head`` are left out: they only serve
+    training. Each conv is paired with the norm layer whose input is its
+    output. ``radii`` is left empty (see :func:`fit_radii`).
+
+    Returns:
+        tuple: (layers, last first; classifier path; paths left out, with
+        the reason).
+    """
+    if head is None:
+        head = next((n for n in ('decode_head', 'head')
+                     if isinstance(getattr(model, n, None), nn.Module)), '')
+    seen: Dict[str, Tuple[tuple, tuple]] = {}
+    order: List[str] = []  # leaves with parameters, in forward order
+    # id of a conv's output -> (the conv, the output, kept alive so that no
+    # later tensor takes its id)
+    outputs: Dict[int, Tuple[str, Tensor]] = {}
+    norms: Dict[str, str] = {}
+    handles = []
+
+    def record(name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
+        order.append(name)
+        if isinstance(module, nn.Conv2d) and name not in seen:
+            seen[name] = (tuple(args[0].shape), tuple(out.shape))
+            outputs[id(out)] = (name, out)
+        elif (isinstance(module, _NormBase) and args and
+              id(args[0]) in outputs):
+            norms.setdefault(outputs[id(args[0])][0], name)
+
+    for name, module in model.named_modules():
+        if _leaf_with_params(module):
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: record(name, m, a, o)))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    under_head = [n for n in order if not head or n.startswith(head + '.')]
+    if not under_head:
+        raise ValueError(f'no module with parameters ran under "{head}": '
+                         'cannot tell the classifier')
+    classifier = under_head[-1]
+    skipped, layers = [], []
+    for name in reversed(list(dict.fromkeys(order))):
+        if name not in seen or name == classifier:
+            continue
+        if name.startswith('auxiliary_head.'):
+            skipped.append(f'{name} (auxiliary head)')
+            continue
+        layers.append(Layer(name, norms.get(name), *seen[name], radii=[]))
+    return layers, classifier, skipped
+
+
+def fit_radii(layers: Sequence[Layer], radii: Sequence[int]) -> None:
+    """Set each layer's candidate radii: those whose patch fits its output
+    map (a larger patch would average over the whole map)."""
+    for layer in layers:
+        h, w = layer.out_shape[-2:]
+        layer.radii = [(r, r) for r in radii if r <= h and r <= w]
+
+
+def freeze_rules(model: nn.Module, layers: Sequence[Layer],
+                 classifier: str) -> List[str]:
+    """``GradientFilterHook`` freeze rules that train ``layers`` (with their
+    norms) and the classifier: freeze every top-level part with parameters,
+    then unfreeze the shallowest modules whose parameters all train."""
+    model = copy.deepcopy(model).requires_grad_(False)
+    for path in [classifier, *(p for layer in layers for p in layer.params)]:
+        model.get_submodule(path).requires_grad_(True)
+    tops = [name for name, child in model.named_children()
+            if any(True for _ in child.parameters())]
+    return tops + [f'~{name}' for name in trained_modules(model)]
+
+
+@dataclass
+class PrefixCosts:
+    """What training the last ``trained`` conv layers costs, measured.
+
+    Args:
+        trained (int): How many candidate layers train (0: the classifier
+            alone).
+        saved_bytes, peak_bytes, backward_flops (int): The step's figures
+            with all of them vanilla.
+        filtered_bytes (dict): ``{conv: {radius: bytes}}``: what each trained
+            conv saves for backward when filtered at that radius.
+        layer_flops (dict): ``{conv: {radius or None: FLOPs}}``: its
+            backward FLOPs, vanilla (None) and filtered.
+        shared (list): ``(bytes, convs)`` of each tensor saved by trained
+            convs alone (their inputs): freed when every conv that saves
+            it is filtered.
+    """
+    trained: int
+    saved_bytes: int
+    peak_bytes: int
+    backward_flops: int
+    filtered_bytes: Dict[str, Dict[IntPair, int]] = field(default_factory=dict)
+    layer_flops: Dict[str, Dict[Radius, int]] = field(default_factory=dict)
+    shared: List[Tuple[int, FrozenSet[str]]] = field(default_factory=list)
+
+
+@dataclass
+class Budget:
+    """Limits of a plan; None: no limit."""
+    saved_bytes: Optional[float] = None
+    peak_bytes: Optional[float] = None
+    backward_flops: Optional[float] = None
+
+
+@dataclass
+class Plan:
+    """One plan and its predicted figures."""
+    layers: List[Layer]  # trained, last first
+    radii: Dict[str, Radius]  # by conv path
+    saved_bytes: int
+    peak_bytes: int
+    backward_flops: int
+    mean_cosine: float
+
+    @property
+    def trained(self) -> int:
+        return len(self.layers)
+
+    @property
+    def filter_install(self) -> List[dict]:
+        """The plan's ``filter_install`` items, last layer first."""
+        return [dict(path=layer.path, radius=_plain(self.radii[layer.path]))
+                for layer in self.layers if self.radii[layer.path]]
+
+    def fits(self, budget: Budget) -> bool:
+        return all(limit is None or value <= limit for value, limit in (
+            (self.saved_bytes, budget.saved_bytes),
+            (self.peak_bytes, budget.peak_bytes),
+            (self.backward_flops, budget.backward_flops)))
+
+
+def _plain(radius: IntPair):
+    return radius[0] if radius[0] == radius[1] else list(radius)
+
+
+def _groups(prefix: PrefixCosts, paths: Sequence[str]) -> List[List[str]]:
+    """Trained convs joined where a saved tensor is theirs together (the
+    ASPP branches' common input): only filtering all of them frees it."""
+    parent = {p: p for p in paths}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            p = parent[p]
+        return p
+
+    for _, convs in prefix.shared:
+        first, *rest = sorted(convs)
+        for other in rest:
+            parent[root(other)] = root(first)
+    groups: Dict[str, List[str]] = {}
+    for p in paths:
+        groups.setdefault(root(p), []).append(p)
+    return list(groups.values())
+
+
+# a partial plan: (saved delta, FLOPs delta, sum of cosines, radii chosen)
+_State = Tuple[int, int, float, Tuple[Tuple[str, Radius], ...]]
+
+
+def _group_options(prefix: PrefixCosts, group: List[str],
+                   options: Dict[str, List[Tuple[Radius, float]]]
+                   ) -> List[_State]:
+    """Every choice of radii for a group, with its deltas from vanilla."""
+    choices = [options[p] for p in group]
+    total = 1
+    for choice in choices:
+        total *= len(choice)
+    if total > MAX_GROUP_OPTIONS:
+        common = set.intersection(*(set(r for r, _ in c) for c in choices))
+        combos = [tuple(next(o for o in c if o[0] == r) for c in choices)
+                  for r in common]
+    else:
+        combos = itertools.product(*choices)
+    states = []
+    for combo in combos:
+        filtered = {p for p, (r, _) in zip(group, combo) if r}
+        saved = sum(prefix.filtered_bytes[p][r] for p, (r, _) in
+                    zip(group, combo) if r)
+        saved -= sum(nbytes for nbytes, convs in prefix.shared
+                     if convs <= filtered)
+        flops = sum(prefix.layer_flops[p][r] - prefix.layer_flops[p][None]
+                    for p, (r, _) in zip(group, combo) if r)
+        states.append((saved, flops, sum(c for _, c in combo),
+                       tuple((p, r) for p, (r, _) in zip(group, combo))))
+    return states
+
+
+def _pareto(states: List[_State]) -> List[_State]:
+    """The states no other one beats on saved bytes, FLOPs and cosine."""
+    kept: List[_State] = []
+    for state in sorted(states, key=lambda s: (s[0], s[1], -s[2])):
+        if not any(k[1] <= state[1] and k[2] >= state[2] for k in kept):
+            kept.append(state)
+    return kept
+
+
+def prefix_plans(prefix: PrefixCosts, layers: Sequence[Layer],
+                 cosines: Dict[str, Dict[IntPair, float]], min_cosine: float,
+                 peak_floor: int) -> List[Plan]:
+    """The plans that train ``prefix.trained`` layers and that no other such
+    plan beats on saved bytes, FLOPs and mean cosine.
+
+    ``cosines[conv][radius]`` is the layer's weight-gradient cosine; a radius
+    whose cosine is below ``min_cosine`` (or unknown) is no option. The
+    predicted peak moves with the saved bytes (they are alive at the start
+    of backward), down to ``peak_floor``, the classifier-only step's.
+    """
+    trained = list(layers[:prefix.trained])
+    options = {layer.path: [(None, 1.0)] + [
+        (r, cosines[layer.path][r]) for r in layer.radii
+        if cosines.get(layer.path, {}).get(r, -2.0) >= min_cosine]
+        for layer in trained}
+    states: List[_State] = [(0, 0, 0.0, ())]
+    for group in _groups(prefix, [layer.path for layer in trained]):
+        states = _pareto([
+            (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
+            for a in states for b in _group_options(prefix, group, options)])
+    plans = []
+    for saved, flops, cos_sum, radii in states:
+        saved_bytes = prefix.saved_bytes + saved
+        plans.append(Plan(
+            trained, dict(radii), saved_bytes,
+            max(peak_floor, prefix.peak_bytes + saved),
+            prefix.backward_flops + flops,
+            cos_sum / len(trained) if trained else 1.0))
+    return plans
+
+
+def smallest_plan(plans: Sequence[Plan]) -> Plan:
+    """The plan that saves the least (then: the fewest FLOPs)."""
+    return min(plans, key=lambda p: (p.saved_bytes, p.backward_flops))
+
+
+def best_plan(plans: Sequence[Plan], budget: Budget) -> Optional[Plan]:
+    """The selection rule: among the plans within ``budget``, the one that
+    trains the most conv layers, then the higher mean cosine, then the
+    smaller saved bytes; None if none fits."""
+    fitting = [p for p in plans if p.fits(budget)]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda p: (p.trained, p.mean_cosine,
+                                       -p.saved_bytes))
+
+
+def choose_plan(prefixes: Sequence[PrefixCosts], layers: Sequence[Layer],
+                cosines: Dict[str, Dict[IntPair, float]], budget: Budget,
+                min_cosine: float) -> Tuple[Optional[Plan], List[Plan]]:
+    """The chosen plan (None if no plan fits) and the front: per number of
+    trained layers, its best plan within ``budget``, else its smallest."""
+    floor = prefixes[0].peak_bytes
+    front, candidates = [], []
+    for prefix in prefixes:
+        plans = prefix_plans(prefix, layers, cosines, min_cosine, floor)
+        candidates += plans
+        front.append(best_plan(plans, budget) or smallest_plan(plans))
+    return best_plan(candidates, budget), front
+
+
+def min_figures(prefix: PrefixCosts, layers: Sequence[Layer]) -> Plan:
+    """The least saved bytes and FLOPs of a prefix, every radius allowed
+    (cosines not yet known): what decides whether longer prefixes could
+    still fit."""
+    cosines = {layer.path: {r: 1.0 for r in layer.radii} for layer in layers}
+    plans = prefix_plans(prefix, layers, cosines, -1.0, 0)
+    best = smallest_plan(plans)
+    best.backward_flops = min(p.backward_flops for p in plans)
+    best.peak_bytes = min(p.peak_bytes for p in plans)
+    return best
+
+
+def plan_config(base: str, hook: dict, base_hooks: bool,
+                extra: Sequence[str] = ()) -> str:
+    """The text of a config that inherits ``base`` and trains with ``hook``
+    (a ``GradientFilterHook`` dict) in place of any GradientFilterHook of
+    the base; ``base_hooks``: whether the base has ``custom_hooks`` (kept)."""
+    lines = [f'_base_ = {base!r}']
+    lines += list(extra)
+    hook_text = 'dict(\n' + ''.join(
+        f'        {key}={_literal(value)},\n'
+        for key, value in hook.items()) + '    )'
+    if base_hooks:
+        lines.append('custom_hooks = [\n    hook for hook in _base_.custom_hooks'
+                     "\n    if hook.get('type') != 'GradientFilterHook'\n] + [\n"
+                     f'    {hook_text}\n]')
+    else:
+        lines.append(f'custom_hooks = [\n    {hook_text}\n]')
+    return '\n'.join(lines) + '\n'
+
+
+def _literal(value) -> str:
+    """A config literal: dicts as ``dict(...)``, a list one item a line."""
+    if isinstance(value, dict):
+        return 'dict(' + ', '.join(f'{k}={_literal(v)}'
+                                   for k, v in value.items()) + ')'
+    if isinstance(value, list) and value:
+        return '[\n' + ''.join(f'            {_literal(v)},\n'
+                               for v in value) + '        ]'
+    return repr(value)
