@@ -6,7 +6,7 @@ import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -236,7 +236,8 @@ def _has_hooks(module: nn.Module) -> bool:
                 module._backward_pre_hooks, module._backward_hooks))
 
 
-def _activation_record(path: str, module: nn.Module) -> Tuple[LeanRecord, bool]:
+def _activation_record(path: str,
+                       module: nn.Module) -> Tuple[Optional[LeanRecord], bool]:
     """The record of one module that may be an activation (None if it is
     not one), and whether to swap it for its lean twin."""
     name = type(module).__name__
