@@ -1,5 +1,5 @@
 import logging
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch.nn as nn
 from mmengine.hooks import Hook
@@ -9,9 +9,9 @@ from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
 from ..report import count_parameters, format_table, trained_modules
-from ..surgery import (check_filter_install, check_freeze_rules, eval_norms,
-                       freeze_layers, get_module, install_gradient_filter,
-                       make_lean)
+from ..surgery import (LeanRecord, check_filter_install, check_freeze_rules,
+                       eval_norms, freeze_layers, get_module,
+                       install_gradient_filter, make_lean)
 
 
 @HOOKS.register_module()
@@ -100,9 +100,8 @@ class GradientFilterHook(Hook):
         if self.lean_memory:
             num_lean = sum(r.status != 'not lean' for r in lean)
             lines += [f'Lean memory: {num_lean} of {len(lean)} part(s) lean:',
-                      format_table(['part', 'path', 'status', 'detail'],
-                                   [[r.part, r.path, r.status, r.detail]
-                                    for r in lean])]
+                      format_table(['part', 'where', 'status', 'detail'],
+                                   _grouped(lean))]
         return '\n'.join(lines)
 
     def before_run(self, runner) -> None:
@@ -117,6 +116,20 @@ class GradientFilterHook(Hook):
             runner.model = runner.wrap_model(
                 runner.cfg.get('model_wrapper_cfg'), model)
             runner.logger.info('Wrapped the model in DDP again after freezing')
+
+
+def _grouped(records: Sequence[LeanRecord]) -> List[List[str]]:
+    """One row per (part, status, detail), naming its modules (first and last
+    when there are many: the model's ReLUs would fill a screen)."""
+    groups: Dict[Tuple[str, str, str], List[str]] = {}
+    for r in records:
+        groups.setdefault((r.part, r.status, r.detail), []).append(r.path)
+    rows = []
+    for (part, status, detail), paths in groups.items():
+        where = (', '.join(paths) if len(paths) <= 2 else
+                 f'{len(paths)} modules: {paths[0]} ... {paths[-1]}')
+        rows.append([part, where, status, detail])
+    return rows
 
 
 def _trainable_ids(model: nn.Module) -> List[int]:
