@@ -31,7 +31,6 @@ from mmgradfilt.analysis.plan import (Budget, Layer, Plan, PrefixCosts,
                                       min_figures, plan_config, trace_layers)
 from mmgradfilt.analysis.quality import layer_cosines
 from mmgradfilt.analysis.weights import check_weights, load_weights
-from mmgradfilt.benchmark.memory import peak_memory_bytes
 from mmgradfilt.benchmark.step import (TrainStep, build_model, measure_step,
                                        synthetic_batch, train_input_size)
 from mmgradfilt.cli import (add_cfg_options, check_analysis_args,
@@ -244,13 +243,14 @@ def plot_front(path: str, prefixes: Sequence[PrefixCosts],
     ax.plot(ks, [min_figures(p, layers).saved_bytes / MB for p in prefixes],
             's--', color='tab:blue', label='smallest (every radius)')
     ax.plot([p.trained for p in front], [p.saved_bytes / MB for p in front],
-            'd-', color='tab:green', label='best within budget, per k')
+            'd-', color='tab:green',
+            label='front: best within budget, else smallest')
     ax.axhline(budget.saved_bytes / MB, color='tab:red', linestyle=':',
                label='budget')
     ax.plot([chosen.trained], [chosen.saved_bytes / MB], '*', markersize=16,
             color='tab:orange', label='chosen')
     ax.set_xlabel('trained conv layers (last k, + classifier)')
-    ax.set_ylabel('saved for backward, MiB (predicted)')
+    ax.set_ylabel('saved for backward, MB (predicted)')
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -343,7 +343,7 @@ def main() -> None:
     for k in range(len(layers) + 1):
         prefix = measure_prefix(
             cost_model, hook_for(layers[:k]), layers, k, cfg.optim_wrapper,
-            batch, device, lambda fn: peak_memory_bytes(fn, device))
+            batch, device)
         bar.update()
         if not min_figures(prefix, layers).fits(budget):
             stop = prefix

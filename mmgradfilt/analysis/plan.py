@@ -116,7 +116,7 @@ def trace_layers(model: nn.Module, run: Callable[[], object],
     for name in reversed(list(dict.fromkeys(order))):
         if name not in seen or name == classifier:
             continue
-        if name.startswith('auxiliary_head.'):
+        if name.split('.')[0] == 'auxiliary_head':
             skipped.append(f'{name} (auxiliary head)')
             continue
         layers.append(Layer(name, norms.get(name), *seen[name], radii=[]))
@@ -134,14 +134,19 @@ def fit_radii(layers: Sequence[Layer], radii: Sequence[int]) -> None:
 def freeze_rules(model: nn.Module, layers: Sequence[Layer],
                  classifier: str) -> List[str]:
     """``GradientFilterHook`` freeze rules that train ``layers`` (with their
-    norms) and the classifier: freeze every top-level part with parameters,
-    then unfreeze the shallowest modules whose parameters all train."""
+    norms) and the classifier: freeze every top-level part with parameters
+    that does not train whole, then unfreeze the shallowest modules in it
+    whose parameters all train."""
     model = copy.deepcopy(model).requires_grad_(False)
     for path in [classifier, *(p for layer in layers for p in layer.params)]:
         model.get_submodule(path).requires_grad_(True)
+    if all(p.requires_grad for p in model.parameters()):
+        return []
+    trained = trained_modules(model)
     tops = [name for name, child in model.named_children()
-            if any(True for _ in child.parameters())]
-    return tops + [f'~{name}' for name in trained_modules(model)]
+            if name not in trained and any(True for _ in child.parameters())]
+    return tops + [f'~{name}' for name in trained
+                   if name.split('.')[0] in tops]
 
 
 @dataclass
@@ -160,6 +165,9 @@ class PrefixCosts:
         shared (list): ``(bytes, convs)`` of each tensor saved by trained
             convs alone (their inputs): freed when every conv that saves
             it is filtered.
+        filtered_saved_bytes, filtered_peak_bytes (int, optional): The
+            whole step measured with every trained conv filtered at its
+            largest radius; None where none can be.
     """
     trained: int
     saved_bytes: int
@@ -168,6 +176,22 @@ class PrefixCosts:
     filtered_bytes: Dict[str, Dict[IntPair, int]] = field(default_factory=dict)
     layer_flops: Dict[str, Dict[Radius, int]] = field(default_factory=dict)
     shared: List[Tuple[int, FrozenSet[str]]] = field(default_factory=list)
+    filtered_saved_bytes: Optional[int] = None
+    filtered_peak_bytes: Optional[int] = None
+
+    def peak_at(self, saved_delta: int) -> int:
+        """The predicted peak of a plan that saves ``saved_delta`` bytes
+        more than all vanilla: as far between the vanilla and the filtered
+        step's measured peaks as its saving is between theirs (a peak that
+        falls where the saved tensors are not all alive moves less than
+        they do, or not at all)."""
+        if self.filtered_saved_bytes is None:
+            return self.peak_bytes
+        freed = self.filtered_saved_bytes - self.saved_bytes
+        if freed >= 0:
+            return self.peak_bytes
+        return round(self.peak_bytes + (self.filtered_peak_bytes -
+                                        self.peak_bytes) * saved_delta / freed)
 
 
 @dataclass
@@ -271,15 +295,14 @@ def _pareto(states: List[_State]) -> List[_State]:
 
 
 def prefix_plans(prefix: PrefixCosts, layers: Sequence[Layer],
-                 cosines: Dict[str, Dict[IntPair, float]], min_cosine: float,
-                 peak_floor: int) -> List[Plan]:
+                 cosines: Dict[str, Dict[IntPair, float]],
+                 min_cosine: float) -> List[Plan]:
     """The plans that train ``prefix.trained`` layers and that no other such
     plan beats on saved bytes, FLOPs and mean cosine.
 
     ``cosines[conv][radius]`` is the layer's weight-gradient cosine; a radius
     whose cosine is below ``min_cosine`` (or unknown) is no option. The
-    predicted peak moves with the saved bytes (they are alive at the start
-    of backward), down to ``peak_floor``, the classifier-only step's.
+    peak is predicted by :meth:`PrefixCosts.peak_at`.
     """
     trained = list(layers[:prefix.trained])
     options = {layer.path: [(None, 1.0)] + [
@@ -296,7 +319,7 @@ def prefix_plans(prefix: PrefixCosts, layers: Sequence[Layer],
         saved_bytes = prefix.saved_bytes + saved
         plans.append(Plan(
             trained, dict(radii), saved_bytes,
-            max(peak_floor, prefix.peak_bytes + saved),
+            prefix.peak_at(saved),
             prefix.backward_flops + flops,
             cos_sum / len(trained) if trained else 1.0))
     return plans
@@ -323,10 +346,9 @@ def choose_plan(prefixes: Sequence[PrefixCosts], layers: Sequence[Layer],
                 min_cosine: float) -> Tuple[Optional[Plan], List[Plan]]:
     """The chosen plan (None if no plan fits) and the front: per number of
     trained layers, its best plan within ``budget``, else its smallest."""
-    floor = prefixes[0].peak_bytes
     front, candidates = [], []
     for prefix in prefixes:
-        plans = prefix_plans(prefix, layers, cosines, min_cosine, floor)
+        plans = prefix_plans(prefix, layers, cosines, min_cosine)
         candidates += plans
         front.append(best_plan(plans, budget) or smallest_plan(plans))
     return best_plan(candidates, budget), front
@@ -337,7 +359,7 @@ def min_figures(prefix: PrefixCosts, layers: Sequence[Layer]) -> Plan:
     (cosines not yet known): what decides whether longer prefixes could
     still fit."""
     cosines = {layer.path: {r: 1.0 for r in layer.radii} for layer in layers}
-    plans = prefix_plans(prefix, layers, cosines, -1.0, 0)
+    plans = prefix_plans(prefix, layers, cosines, -1.0)
     best = smallest_plan(plans)
     best.backward_flops = min(p.backward_flops for p in plans)
     best.peak_bytes = min(p.peak_bytes for p in plans)
@@ -364,11 +386,13 @@ def plan_config(base: str, hook: dict, base_hooks: bool,
 
 
 def _literal(value) -> str:
-    """A config literal: dicts as ``dict(...)``, a list one item a line."""
+    """A config literal: dicts as ``dict(...)``, a list of dicts or strings
+    one item a line."""
     if isinstance(value, dict):
         return 'dict(' + ', '.join(f'{k}={_literal(v)}'
                                    for k, v in value.items()) + ')'
-    if isinstance(value, list) and value:
+    if isinstance(value, list) and any(isinstance(v, (dict, list, str))
+                                       for v in value):
         return '[\n' + ''.join(f'            {_literal(v)},\n'
                                for v in value) + '        ]'
     return repr(value)

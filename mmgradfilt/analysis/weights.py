@@ -5,7 +5,7 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger, print_log
 from mmengine.runner import load_checkpoint
 
 from ..hooks.pretrained_check_hook import (CHECKPOINT_HINT,
@@ -49,11 +49,18 @@ def load_weights(model: nn.Module, checkpoint: Optional[str]) -> str:
         load_checkpoint(model, checkpoint, map_location='cpu',
                         logger='current')
         return checkpoint
-    if not pretrained_checkpoints(model):
+    pretrained = bool(pretrained_checkpoints(model))
+    if not pretrained:
         print_log('no checkpoint and no pretrained parts: gradient fidelity '
                   'of randomly initialised weights says little about '
                   'training', logger='current', level=logging.WARNING)
+    # without a log file, MMEngine prints how it initialised each parameter
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
         model.init_weights()
-        return 'random initialisation'
-    model.init_weights()
-    return 'the config\'s initialisation'
+    finally:
+        logger.setLevel(level)
+    return 'the config\'s initialisation' if pretrained else \
+        'random initialisation'

@@ -1,0 +1,277 @@
+"""The planner's pieces: candidate layers of real models, the selection rule
+on costs worked out by hand, and the config it writes."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+
+from mmgradfilt.analysis import plan as plan_mod
+from mmgradfilt.analysis.plan import (Budget, Layer, PrefixCosts, choose_plan,
+                                      fit_radii, freeze_rules, min_figures,
+                                      plan_config, trace_layers)
+from mmgradfilt.benchmark.step import build_model, synthetic_batch
+from mmgradfilt.hooks import GradientFilterHook
+
+ROOT = Path(__file__).resolve().parents[2]
+SEG = (ROOT / 'configs' / 'demo_seg' /
+       'deeplabv3_r18-tiny-d8_full_1xb8-300_digits-shift-64x64.py')
+CLS = (ROOT / 'configs' / 'demo_cls' /
+       'resnet18_filt-last2-r2_1xb32-5e_digits-user1.py')
+
+
+def candidates(config: Path, size, radii=(2, 4, 8)):
+    cfg = Config.fromfile(str(config))
+    model = build_model(cfg).train()
+    data = model.data_preprocessor(synthetic_batch(cfg, 2, size), True)
+    layers, classifier, skipped = trace_layers(
+        model, lambda: model(**data, mode='loss'))
+    fit_radii(layers, radii)
+    return model, layers, classifier, skipped
+
+
+def trained_params(model, layers, classifier):
+    model = copy.deepcopy(model)
+    hook = GradientFilterHook(
+        freeze_layers=freeze_rules(model, layers, classifier))
+    hook.apply(model)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_deeplabv3_candidates():
+    pytest.importorskip('mmseg')
+    model, layers, classifier, skipped = candidates(SEG, (64, 64),
+                                                    (2, 4, 8, 16))
+    assert classifier == 'decode_head.conv_seg'
+    assert skipped == []
+    paths = [layer.path for layer in layers]
+    # last of the forward pass first: the head's bottleneck after the ASPP
+    # branches, which run after the image pool; then the backbone backwards
+    assert paths[:10] == [
+        'decode_head.bottleneck.conv',
+        *(f'decode_head.aspp_modules.{i}.conv' for i in (3, 2, 1, 0)),
+        'decode_head.image_pool.1.conv', 'backbone.layer4.1.conv2',
+        'backbone.layer4.1.conv1', 'backbone.layer4.0.downsample.0',
+        'backbone.layer4.0.conv2'
+    ]
+    assert paths[-1] == 'backbone.stem.0'
+    assert len(paths) == 28  # every conv but the classifier
+    by_path = {layer.path: layer for layer in layers}
+    assert by_path['decode_head.bottleneck.conv'].norm == \
+        'decode_head.bottleneck.bn'
+    assert by_path['backbone.layer4.0.downsample.0'].norm == \
+        'backbone.layer4.0.downsample.1'
+    assert by_path['backbone.stem.3'].norm == 'backbone.stem.4'
+    # d8 at 64x64: 8x8 maps take radii up to 8; the pooled branch is 1x1;
+    # the stem's 32x32 output takes 16 too
+    assert by_path['decode_head.aspp_modules.3.conv'].radii == [(2, 2),
+                                                              (4, 4),
+                                                              (8, 8)]
+    assert by_path['decode_head.image_pool.1.conv'].radii == []
+    assert by_path['backbone.stem.0'].radii == [(2, 2), (4, 4), (8, 8),
+                                               (16, 16)]
+    assert by_path['backbone.stem.0'].out_shape == (2, 8, 32, 32)
+
+    # the last 5: the paper's enc5L layers, with their BatchNorms
+    assert trained_params(model, layers[:5], classifier) == {
+        'decode_head.conv_seg.weight', 'decode_head.conv_seg.bias',
+        *(f'decode_head.{m}.{p}'
+          for m in ['bottleneck.conv', 'bottleneck.bn',
+                    *(f'aspp_modules.{i}.{k}' for i in range(4)
+                      for k in ('conv', 'bn'))]
+          for p in ('weight', 'bias') if not (m.endswith('conv')
+                                               and p == 'bias'))}
+    assert freeze_rules(model, layers[:5], classifier) == [
+        'backbone', 'decode_head', '~decode_head.conv_seg',
+        '~decode_head.aspp_modules', '~decode_head.bottleneck']
+    assert trained_params(model, [], classifier) == {
+        'decode_head.conv_seg.weight', 'decode_head.conv_seg.bias'}
+
+
+def test_resnet18_candidates():
+    pytest.importorskip('mmpretrain')
+    model, layers, classifier, _ = candidates(CLS, (64, 64))
+    assert classifier == 'head.fc'
+    assert [layer.path for layer in layers[:6]] == [
+        'backbone.layer4.1.conv2', 'backbone.layer4.1.conv1',
+        'backbone.layer4.0.downsample.0', 'backbone.layer4.0.conv2',
+        'backbone.layer4.0.conv1', 'backbone.layer3.1.conv2'
+    ]
+    assert layers[-1].path == 'backbone.conv1'  # the stem
+    assert len(layers) == 20
+    by_path = {layer.path: layer for layer in layers}
+    # 64x64 in: 2x2 maps in layer4, 4x4 in layer3, 8x8 in layer2
+    assert by_path['backbone.layer4.1.conv2'].radii == [(2, 2)]
+    assert by_path['backbone.layer3.1.conv2'].radii == [(2, 2), (4, 4)]
+    assert by_path['backbone.layer2.1.conv2'].radii == [(2, 2), (4, 4),
+                                                        (8, 8)]
+    assert by_path['backbone.layer4.1.conv1'].norm == 'backbone.layer4.1.bn1'
+    assert trained_params(model, layers[:3], classifier) == {
+        'head.fc.weight', 'head.fc.bias',
+        *(f'backbone.{m}.{p}' for m in (
+            'layer4.1.conv2', 'layer4.1.conv1', 'layer4.0.downsample.0')
+          for p in ('weight', )),
+        *(f'backbone.{m}.{p}' for m in (
+            'layer4.1.bn2', 'layer4.1.bn1', 'layer4.0.downsample.1')
+          for p in ('weight', 'bias'))}
+    # the whole last block trains: one rule for it
+    assert '~backbone.layer4.1' in freeze_rules(model, layers[:3], classifier)
+
+
+class LateRegistered(nn.Module):
+    """Registers ``b`` before ``a`` but runs ``a`` first; an auxiliary
+    head runs last."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                                  nn.Conv2d(4, 2, 1))
+        self.auxiliary_head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.b(self.a(x))
+        return self.head(x), self.auxiliary_head(x)
+
+
+def test_forward_order_not_registration_order():
+    model = LateRegistered()
+    layers, classifier, skipped = trace_layers(
+        model, lambda: model(torch.randn(1, 3, 6, 6)))
+    assert [layer.path for layer in layers] == ['head.0', 'b', 'a']
+    assert classifier == 'head.2'
+    assert layers[0].norm == 'head.1' and layers[1].norm is None
+    assert skipped == ['auxiliary_head (auxiliary head)']
+
+
+def hand_costs():
+    """Three layers, A last; B and C read one input (as ASPP branches do),
+    freed only when both are filtered. Saved bytes, FLOPs and peaks are
+    made-up round numbers."""
+    a, b, c = (Layer(p, None, (1, ), (1, 1, 8, 8), radii) for p, radii in
+               (('A', [(2, 2)]), ('B', [(2, 2), (4, 4)]), ('C', [(2, 2)])))
+    fa = dict(filtered_bytes={'A': {(2, 2): 2}},
+              layer_flops={'A': {None: 100, (2, 2): 10}})
+    fb = dict(filtered_bytes={'B': {(2, 2): 4, (4, 4): 1}},
+              layer_flops={'B': {None: 200, (2, 2): 40, (4, 4): 20}})
+    fc = dict(filtered_bytes={'C': {(2, 2): 3}},
+              layer_flops={'C': {None: 200, (2, 2): 30}})
+
+    def merged(*parts):
+        return {key: {k: v for p in parts for k, v in p[key].items()}
+                for key in ('filtered_bytes', 'layer_flops')}
+
+    # the filtered steps (each layer at its largest radius) save 17, 28
+    # and 71 and peak as much lower: a peak that moves with the saved bytes
+    prefixes = [
+        PrefixCosts(0, 10, 100, 0),
+        PrefixCosts(1, 30, 120, 100, **merged(fa), shared=[(15, {'A'})],
+                    filtered_saved_bytes=17, filtered_peak_bytes=107),
+        PrefixCosts(2, 60, 150, 300, **merged(fa, fb),
+                    shared=[(15, {'A'}), (20, {'B'})],
+                    filtered_saved_bytes=28, filtered_peak_bytes=118),
+        PrefixCosts(3, 100, 190, 500, **merged(fa, fb, fc),
+                    shared=[(15, {'A'}), (20, {'B', 'C'})],
+                    filtered_saved_bytes=71, filtered_peak_bytes=161),
+    ]
+    for p in prefixes:
+        p.shared = [(n, frozenset(s)) for n, s in p.shared]
+    cosines = {'A': {(2, 2): 0.9}, 'B': {(2, 2): 0.8, (4, 4): 0.4},
+               'C': {(2, 2): 0.6}}
+    return prefixes, [a, b, c], cosines
+
+
+def radii_of(plan):
+    return {p: r and r[0] for p, r in plan.radii.items()}
+
+
+@pytest.mark.parametrize('budget,min_cos,radii,saved,flops,peak', [
+    # 3 layers need 100 - (15 - 2) - (20 - 4 - 3) = 74 at least: over 40;
+    # 2 layers fit only both filtered: 60 - 13 - 16 = 31
+    (Budget(40), 0.5, {'A': 2, 'B': 2}, 31, 300 - 90 - 160, 150 - 29),
+    # B at r4 saves more (28) but its cosine 0.4 is lower: r2 still
+    (Budget(40), 0.3, {'A': 2, 'B': 2}, 31, 50, 121),
+    # 2 layers, three plans fit: A alone filtered (47) has the best mean
+    # cosine, (0.9 + 1) / 2
+    (Budget(50), 0.5, {'A': 2, 'B': None}, 47, 210, 137),
+    # 3 layers fit only all filtered: B alone frees nothing (B and C share)
+    (Budget(80), 0.5, {'A': 2, 'B': 2, 'C': 2}, 74, 80, 164),
+    # ... but its 80 backward FLOPs are over 60
+    (Budget(80, None, 60), 0.5, {'A': 2, 'B': 2}, 31, 50, 121),
+    # ... and its predicted peak 190 - 26 over 150: two vanilla layers peak
+    # at 150 exactly
+    (Budget(80, 150), 0.5, {'A': None, 'B': None}, 60, 300, 150),
+    # C's cosine below the least: only vanilla for it, so 3 layers no
+    # longer fit, and 2 vanilla ones do
+    (Budget(80), 0.7, {'A': None, 'B': None}, 60, 300, 150),
+    # B's too: 2 layers do not fit (A alone filtered saves 47), 1 vanilla
+    # does
+    (Budget(40), 0.85, {'A': None}, 30, 100, 120),
+])
+def test_selection_rule(budget, min_cos, radii, saved, flops, peak):
+    prefixes, layers, cosines = hand_costs()
+    chosen, front = choose_plan(prefixes, layers, cosines, budget, min_cos)
+    assert radii_of(chosen) == radii
+    assert (chosen.saved_bytes, chosen.backward_flops,
+            chosen.peak_bytes) == (saved, flops, peak)
+    assert [p.trained for p in front] == [0, 1, 2, 3]
+
+
+def test_front_and_smallest():
+    prefixes, layers, cosines = hand_costs()
+    chosen, front = choose_plan(prefixes, layers, cosines, Budget(40), 0.5)
+    # over budget, a row is its prefix's smallest plan
+    assert radii_of(front[3]) == {'A': 2, 'B': 2, 'C': 2}
+    assert not front[3].fits(Budget(40))
+    assert front[2].mean_cosine == pytest.approx(0.85)
+    assert front[0].saved_bytes == 10 and front[0].mean_cosine == 1
+    # the least saved of 3 layers, every radius allowed: B at r4
+    assert min_figures(prefixes[3], layers).saved_bytes == 100 - 13 - 19 + 3
+    # a peak that filtering does not move (it falls before the saved
+    # tensors are all alive) stays; one that moves less, moves in step
+    prefixes[2].filtered_peak_bytes = 150
+    assert choose_plan(prefixes, layers, cosines, Budget(40),
+                       0.5)[0].peak_bytes == 150
+    prefixes[2].filtered_peak_bytes = 134  # half the saving's 32
+    assert choose_plan(prefixes, layers, cosines, Budget(40),
+                       0.5)[0].peak_bytes == round(150 - 16 * 29 / 32)
+    # not even the classifier alone fits
+    assert choose_plan(prefixes, layers, cosines, Budget(5), 0.5)[0] is None
+
+
+def test_large_groups_choose_one_radius(monkeypatch):
+    # above the limit, B and C (sharing their input) take one choice
+    # together: all vanilla or both at r2 (C has no r4)
+    monkeypatch.setattr(plan_mod, 'MAX_GROUP_OPTIONS', 1)
+    prefixes, layers, cosines = hand_costs()
+    plans = plan_mod.prefix_plans(prefixes[3], layers, cosines, -1)
+    pairs = {(p.radii['B'], p.radii['C']) for p in plans}
+    assert pairs <= {(None, None), ((2, 2), (2, 2))}
+
+
+def test_written_config_replaces_the_hook(tmp_path):
+    pytest.importorskip('mmpretrain')
+    base = Config.fromfile(str(CLS))
+    assert [h['type'] for h in base.custom_hooks] == [
+        'PretrainedCheckHook', 'GradientFilterHook']
+    hook = dict(type='GradientFilterHook',
+                filter_install=[dict(path='backbone.layer4.1.conv2',
+                                     radius=2),
+                                dict(path='backbone.layer4.1.conv1',
+                                     radius=[2, 4])],
+                freeze_layers=['backbone', '~backbone.layer4.1'])
+    path = tmp_path / 'config.py'
+    path.write_text(plan_config(str(CLS), hook, True, ['# a comment']))
+    cfg = Config.fromfile(str(path))
+    assert [h['type'] for h in cfg.custom_hooks] == [
+        'PretrainedCheckHook', 'GradientFilterHook']
+    assert cfg.custom_hooks[1].to_dict() == hook
+    assert cfg.model == base.model  # the rest is the base's
+
+    # a base without custom_hooks
+    path.write_text(plan_config(str(SEG), hook, False))
+    cfg = Config.fromfile(str(path))
+    assert [h.to_dict() for h in cfg.custom_hooks] == [hook]
