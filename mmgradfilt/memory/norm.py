@@ -33,6 +33,20 @@ input, weight and bias gradients. The BN's bias gradient is exact, and so is
 everything when ``g`` is already patch-constant. The backward keeps ``X_P``
 (``1/r^2`` of the input), ``invstd`` and ``gamma``; the forward output and the
 running statistics are those of ``nn.BatchNorm2d``.
+
+In eval mode (running statistics, as under MMPretrain's ``norm_eval=True``)
+with a trainable affine, ``xhat = (x - running_mean) * invstd`` with
+``invstd`` from the running variance, fixed in the batch, and exact BN gives::
+
+    dbeta = sum g,   dgamma = sum g*xhat,   dx = gamma*invstd * g.
+
+With ``g`` patch-averaged as above, ``dbeta`` stays exact and
+``dgamma' = sum_P |P| g_P X_P`` as in training mode, from the patch means
+``X_P`` of ``xhat``. ``dx`` does not involve ``dgamma``: its patch means
+``gamma*invstd * g_P`` are those of the exact ``dx``, so the conv's gradients
+are exactly those of ``filter_norm=False`` and the layer emits the exact
+``dx`` (no patch averaging to do). Only ``dgamma`` changes; the backward keeps
+``X_P`` (none when the weight is frozen), ``invstd`` and ``gamma``.
 """
 import logging
 from dataclasses import dataclass
@@ -41,6 +55,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+from mmengine.model.utils import _BatchNormXd
 from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -61,6 +76,11 @@ IntPair = Tuple[int, int]
 
 # layers a filtered conv may feed; each appears in the install records
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+# the BatchNorms a FilteredBatchNorm2d replaces: nn.BatchNorm2d and what
+# MMEngine's revert_sync_batchnorm turns SyncBN into (non-distributed runs, the
+# benchmark); that one skips the input check, but behind a Conv2d its input
+# is 4-D
+_SWAPPABLE = (nn.BatchNorm2d, _BatchNormXd)
 
 
 def _channels(t: Tensor) -> Tensor:
@@ -74,25 +94,37 @@ def _patch_sizes(x: Tensor, radius: IntPair) -> Tensor:
 
 
 class FilteredBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch-norm forward, patch-filtered backward."""
+    """Batch-norm forward, patch-filtered backward (batch or running
+    statistics)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], momentum: float, eps: float,
-                radius: IntPair) -> Tensor:
+                running_var: Optional[Tensor], training: bool,
+                momentum: float, eps: float, radius: IntPair) -> Tensor:
         # the op F.batch_norm runs on CPU (cuDNN's on CUDA agrees within
-        # rounding), which also returns the batch mean and 1/std (float32 for
-        # 16-bit inputs): one pass over x for the output and the statistics
+        # rounding); in training mode it also returns the batch mean and
+        # 1/std (float32 for 16-bit inputs): one pass over x for both
         out, mean, invstd = torch.native_batch_norm(x, weight, bias,
                                                     running_mean, running_var,
-                                                    True, momentum, eps)
-        # xhat is affine in x, so its patch means are those of x, normalized;
-        # from float32 sums, so that 16-bit means keep the digits that the
-        # centering leaves
-        means = sum_patches(x, radius) / _patch_sizes(x, radius)
-        xhat = (means.to(mean) - _channels(mean)) * _channels(invstd)
-        ctx.save_for_backward(xhat.to(x.dtype), invstd, weight)
+                                                    training, momentum, eps)
+        if not training:
+            stat = torch.promote_types(x.dtype, torch.float32)
+            mean = running_mean.to(stat)
+            invstd = running_var.to(stat).add(eps).rsqrt_()
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # training-mode dx needs dgamma' even for a frozen weight; eval-mode
+        # dx needs no statistics of x at all
+        xhat = None
+        if need_w or (training and need_x):
+            # xhat is affine in x, so its patch means are those of x,
+            # normalized; from float32 sums, so that 16-bit means keep the
+            # digits that the centering leaves
+            means = sum_patches(x, radius) / _patch_sizes(x, radius)
+            xhat = ((means.to(mean) - _channels(mean)) *
+                    _channels(invstd)).to(x.dtype)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.training = training
         ctx.radius = radius
         ctx.size = tuple(x.shape[-2:])
         return out
@@ -101,15 +133,23 @@ class FilteredBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         xhat, invstd, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # the patch sums |P| g_P are all the backward reads of grad_out
+        scale = invstd if weight is None else weight.to(invstd) * invstd
+        batch_dx = need_x and ctx.training
+        grad_x = grad_w = grad_b = None
+        if need_x and not batch_dx:
+            # gamma*invstd * g: exact, and so are its patch means
+            grad_x = grad_out * _channels(scale.to(grad_out.dtype))
+        if not (need_w or need_b or batch_dx):
+            return (grad_x, None, None, None, None, None, None, None, None)
+        # the patch sums |P| g_P are all the rest of the backward reads of
+        # grad_out
         g_sums = sum_patches(grad_out, ctx.radius)
-        xhat = xhat.to(g_sums.dtype)
         grad_b = g_sums.sum((0, 2, 3))
-        grad_w = (g_sums * xhat).sum((0, 2, 3))
-        grad_x = None
-        if need_x:
+        if xhat is not None:
+            xhat = xhat.to(g_sums.dtype)
+            grad_w = (g_sums * xhat).sum((0, 2, 3))
+        if batch_dx:
             m = grad_out.numel() // grad_out.shape[1]
-            scale = invstd if weight is None else weight.to(invstd) * invstd
             count = _patch_sizes(grad_out, ctx.radius)
             shift = torch.addcmul(_channels(grad_b / m), xhat,
                                   _channels(grad_w / m)).mul_(count)
@@ -120,34 +160,45 @@ class FilteredBatchNormFunction(torch.autograd.Function):
         # an affine BN has both parameters, in one dtype
         return (grad_x, grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(weight.dtype) if need_b else None, None, None, None,
-                None, None)
+                None, None, None)
 
 
-def filtered_batch_norm(x: Tensor, weight: Optional[Tensor],
-                        bias: Optional[Tensor], running_mean: Optional[Tensor],
-                        running_var: Optional[Tensor], momentum: float,
-                        eps: float, radius: RadiusType = 4) -> Tensor:
-    """Batch-statistics BatchNorm whose backward averages the output gradient
-    over ``radius`` patches (see the module docstring).
+def filtered_batch_norm(x: Tensor,
+                        weight: Optional[Tensor],
+                        bias: Optional[Tensor],
+                        running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor],
+                        momentum: float,
+                        eps: float,
+                        radius: RadiusType = 4,
+                        training: bool = True) -> Tensor:
+    """BatchNorm whose backward averages the output gradient over ``radius``
+    patches (see the module docstring).
 
     Args:
         x (Tensor): Input of shape ``(N, C, H, W)``.
         weight, bias (Tensor, optional): Affine parameters of shape ``(C,)``.
-        running_mean, running_var (Tensor, optional): Running statistics,
-            updated in place as ``F.batch_norm(training=True)`` updates them.
+        running_mean, running_var (Tensor, optional): Running statistics:
+            updated in place as ``F.batch_norm(training=True)`` updates them
+            when ``training``, else the statistics that normalize ``x``.
         momentum (float): Weight of this batch in the running statistics.
         eps (float): Added to the variance.
         radius (int | tuple[int, int]): Patch size of the conv that feeds
             ``x``. Defaults to 4.
+        training (bool): Normalize with the batch's statistics, else with the
+            running ones (which must then be given). Defaults to True.
 
     Returns:
         Tensor: ``F.batch_norm(x, running_mean, running_var, weight, bias,
-        True, momentum, eps)``: the same op on CPU, within rounding of cuDNN's
-        on CUDA.
+        training, momentum, eps)``: the same op on CPU, within rounding of
+        cuDNN's on CUDA.
     """
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError('training=False normalizes with running_mean and '
+                         'running_var: both are needed')
     return FilteredBatchNormFunction.apply(x, weight, bias, running_mean,
-                                           running_var, momentum, eps,
-                                           check_radius(radius))
+                                           running_var, training, momentum,
+                                           eps, check_radius(radius))
 
 
 @MODELS.register_module()
@@ -155,12 +206,15 @@ class FilteredBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that keeps patch means of its normalized input only.
 
     Meant right after a :class:`~mmgradfilt.layers.GradFilterConv2d` of the
-    same ``radius`` (:func:`install_filtered_norm` puts it there). In training
-    mode with gradients needed it runs :func:`filtered_batch_norm`; in eval
-    mode or without gradients it is ``nn.BatchNorm2d``. An input that needs a
-    gradient but does not come straight from a filtered conv of this radius
-    would get a patch-constant gradient the conv does not expect: such a batch
-    takes the exact BN (and a warning names the layer once). Parameters,
+    same ``radius`` (:func:`install_filtered_norm` puts it there). It runs
+    :func:`filtered_batch_norm` in training mode when a gradient is needed,
+    and in eval mode when its weight or bias trains (MMPretrain's
+    ``norm_eval=True`` on trained layers); otherwise (no gradient, or frozen
+    in eval mode, whose exact ``dx = gamma * invstd * g`` has nothing to
+    filter) it is ``nn.BatchNorm2d``. An input that needs a gradient but does not come
+    straight from a filtered conv of this radius would get a patch-constant
+    gradient the conv does not expect: such a batch takes the exact BN (and a
+    warning names the layer once). Parameters,
     buffers and state_dict keys are those of ``nn.BatchNorm2d``.
 
     Args:
@@ -185,7 +239,7 @@ class FilteredBatchNorm2d(nn.BatchNorm2d):
         self._warned_input = False
 
     @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d,
+    def from_bn(cls, bn: _BatchNorm,
                 radius: RadiusType) -> 'FilteredBatchNorm2d':
         """A filtered BN sharing ``bn``'s ``Parameter`` and buffer objects."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine,
@@ -201,11 +255,13 @@ class FilteredBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         batch_stats = self.training or (self.running_mean is None
                                         and self.running_var is None)
+        # with running statistics only a trained affine has a gradient that
+        # reads the batch: dx = gamma * invstd * g keeps nothing of it
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
-            for t in (x, self.weight, self.bias))
-        if not (batch_stats and needs_grad) or x.numel() == 0 or (
-                not self._fed_by_filter(x)):
+            for t in ((x, self.weight, self.bias) if batch_stats else
+                      (self.weight, self.bias)))
+        if not needs_grad or x.numel() == 0 or not self._fed_by_filter(x):
             return super().forward(x)
         self._check_input_dim(x)
         # the running-statistics bookkeeping of nn.BatchNorm2d's forward
@@ -218,7 +274,7 @@ class FilteredBatchNorm2d(nn.BatchNorm2d):
         return filtered_batch_norm(
             x, self.weight, self.bias, self.running_mean if track else None,
             self.running_var if track else None, momentum, self.eps,
-            self.radius)
+            self.radius, batch_stats)
 
     def _fed_by_filter(self, x: Tensor) -> bool:
         """Whether ``x``'s gradient goes to a filtered conv of this radius
@@ -303,15 +359,21 @@ def _refusal(norm: nn.Module, conv: Optional[str]) -> str:
     if isinstance(norm, FilteredBatchNorm2d):
         return ''
     if isinstance(norm, nn.SyncBatchNorm):
-        return 'SyncBatchNorm: its statistics span processes'
-    if not isinstance(norm, nn.BatchNorm2d):
-        return f'a {type(norm).__name__} is not a BatchNorm2d'
-    if type(norm) is not nn.BatchNorm2d:
-        return f'{type(norm).__name__} has its own forward'
+        # a distributed run all-reduces its batch statistics and the two
+        # gradient sums of its backward; the filtered backward would have to
+        # all-reduce dbeta and dgamma' the same way
+        return ('its batch statistics and gradient sums are synced across '
+                'processes, which the filtered backward does not do')
+    if not isinstance(norm, _BatchNorm) or isinstance(norm, (
+            nn.BatchNorm1d, nn.BatchNorm3d)):
+        return 'not a 2-D BatchNorm'
+    if type(norm) not in _SWAPPABLE:
+        return 'a subclass with its own behaviour, which a swap would drop'
     params = list(norm.parameters(recurse=False))
     if params and not any(p.requires_grad for p in params) and (
             not norm.training):
-        return 'frozen and in eval mode: a fixed affine map keeps no input'
+        return ('frozen and in eval mode: its exact backward, '
+                'dx = gamma * invstd * g, has nothing to filter')
     if any((norm._forward_pre_hooks, norm._forward_hooks,
             norm._backward_hooks, norm._backward_pre_hooks)):
         return 'has module hooks, which a swap would drop'
@@ -319,7 +381,8 @@ def _refusal(norm: nn.Module, conv: Optional[str]) -> str:
 
 
 def install_filtered_norm(model: nn.Module) -> List[NormRecord]:
-    """Swap each ``BatchNorm2d`` fed by a :class:`GradFilterConv2d` for a
+    """Swap each ``BatchNorm2d`` (or MMEngine's ``_BatchNormXd``, reverted
+    SyncBN) fed by a :class:`GradFilterConv2d` for a
     :class:`FilteredBatchNorm2d` of the conv's radius, in place.
 
     The new layers share the old ones' ``Parameter`` and buffer objects, so an

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmengine.model.utils import _BatchNormXd
+
 from mmgradfilt.layers import GradFilterConv2d
 from mmgradfilt.memory import norm
 from mmgradfilt.memory.norm import (FilteredBatchNorm2d, filtered_batch_norm,
@@ -115,6 +117,139 @@ def test_against_exact_bn(shape, radius):
                                    rtol=1e-9, atol=1e-12)
 
 
+def eval_leaves(shape, seed):
+    """Input, affine parameters and running statistics (not the batch's)."""
+    x, gamma, beta = leaves(shape, seed)
+    mean = torch.randn(shape[1], dtype=torch.float64)
+    var = torch.rand(shape[1], dtype=torch.float64) * 3 + 0.5
+    return x, gamma, beta, mean, var
+
+
+def eval_patch_loop_bn(x, gamma, mean, var, g, radius, eps):
+    """``dx, dgamma, dbeta`` of the filtered eval-mode BN from the
+    equations, one patch at a time."""
+    n, c, h, w = x.shape
+    invstd = 1 / torch.sqrt(var + eps)
+    xhat = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    dgamma = torch.zeros(c, dtype=x.dtype)
+    for rows, cols in patches(h, w, radius):
+        g_p = g[:, :, rows, cols].mean((2, 3))
+        dgamma += (g_p * xhat[:, :, rows, cols].sum((2, 3))).sum(0)
+    dx = g * (gamma * invstd).view(1, -1, 1, 1)
+    return dx, dgamma, g.sum((0, 2, 3))
+
+
+def eval_grads(fn, x, gamma, beta, mean, var, g):
+    out = fn(x, gamma, beta, mean, var)
+    return torch.autograd.grad(out, (x, gamma, beta), g)
+
+
+def filtered_eval(radius, eps=1e-5):
+    return lambda x, w, b, m, v: filtered_batch_norm(
+        x, w, b, m, v, 0.1, eps, radius, training=False)
+
+
+def exact_eval(x, w, b, m, v):
+    return F.batch_norm(x, m, v, w, b, False, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize('shape,radius', CASES)
+def test_eval_mode_matches_patch_loop_and_exact_bn(shape, radius):
+    x, gamma, beta, mean, var = eval_leaves(shape, seed=8)
+    g = torch.randn(shape, dtype=torch.float64)
+    out = filtered_eval(radius)(x, gamma, beta, mean, var)
+    assert torch.equal(out, exact_eval(x, gamma, beta, mean, var))
+    got = eval_grads(filtered_eval(radius), x, gamma, beta, mean, var, g)
+    want = eval_patch_loop_bn(x.detach(), gamma.detach(), mean, var, g,
+                              radius, 1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # against autograd: dx and dbeta exact, dgamma from pooled xhat
+    exact = eval_grads(exact_eval, x, gamma, beta, mean, var, g)
+    torch.testing.assert_close(got[0], exact[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[2], exact[2], rtol=1e-12, atol=1e-12)
+    if radius != (1, 1):
+        assert not torch.allclose(got[1], exact[1])
+    # a patch-constant output gradient: all exact
+    n, c, h, w = shape
+    grid = torch.randn(n, c, -(-h // radius[0]), -(-w // radius[1]),
+                       dtype=torch.float64)
+    g = patch_constant(grid, (h, w), radius)
+    got = eval_grads(filtered_eval(radius), x, gamma, beta, mean, var, g)
+    exact = eval_grads(exact_eval, x, gamma, beta, mean, var, g)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_mode_needs_running_stats():
+    x, gamma, beta = leaves((2, 3, 4, 4))
+    with pytest.raises(ValueError, match='running_mean and running_var'):
+        filtered_batch_norm(x, gamma, beta, None, None, 0.1, 1e-5, 2,
+                            training=False)
+
+
+@pytest.mark.parametrize('train_weight,pooled', [(True, True), (False, False)])
+def test_eval_mode_saves_pooled_input_only_for_the_weight(train_weight,
+                                                          pooled):
+    torch.manual_seed(9)
+    shape, r = (2, 8, 32, 30), 4
+    x = torch.randn(shape, requires_grad=True)
+    gamma = torch.ones(8, requires_grad=train_weight)
+    beta = torch.zeros(8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t is not gamma:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = filtered_batch_norm(x, gamma, beta, torch.zeros(8),
+                                  torch.ones(8), 0.1, 1e-5, r,
+                                  training=False)
+    # invstd, and X_P when dgamma needs it: dx = gamma * invstd * g does not
+    n_pooled = 2 * 8 * (32 // r) * (-(-30 // r))
+    assert sorted(t.numel() for t in saved) == (
+        [8, n_pooled] if pooled else [8])
+    out.backward(torch.randn(shape))
+    assert x.grad is not None and beta.grad is not None
+    assert (gamma.grad is not None) == train_weight
+
+
+def test_eval_mode_module_keeps_running_stats_and_conv_grads():
+    """conv -> FilteredBN in eval mode with gradient g gives the conv exactly
+    the gradients of conv -> exact eval BN with the same g; the BN's bias
+    gradient is exact and its running statistics are left alone."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    conv = GradFilterConv2d(3, 4, 3, padding=1, radius=(2, 3)).double()
+    bn = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    g = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    grads, outs = [], []
+    for norm in (FilteredBatchNorm2d.from_bn(bn, (2, 3)), bn):
+        xin = x.clone().requires_grad_()
+        out = norm(conv(xin))
+        outs.append(out)
+        out.backward(g)
+        grads.append([t.grad.clone() for t in
+                      (xin, conv.weight, conv.bias, bn.weight, bn.bias)])
+        for t in (conv.weight, conv.bias, bn.weight, bn.bias):
+            t.grad = None
+    assert outs[0].grad_fn.name() == 'FilteredBatchNormFunctionBackward'
+    assert torch.equal(outs[0], outs[1])
+    for got, want in zip(grads[0][:3] + grads[0][4:],
+                         grads[1][:3] + grads[1][4:]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    assert not torch.allclose(grads[0][3], grads[1][3])  # dgamma
+    for key, value in bn.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def test_forward_and_running_stats_identical():
     torch.manual_seed(2)
     x = torch.randn(4, 5, 9, 11) * 3 + 2
@@ -139,7 +274,8 @@ def test_plain_bn_where_nothing_is_filtered():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert bn(conv(x)).grad_fn is None
-    bn.eval()
+    # eval mode, frozen: dx = gamma * invstd * g, nothing to filter
+    bn.eval().requires_grad_(False)
     out = bn(conv(x))
     assert out.grad_fn.name() != 'FilteredBatchNormFunctionBackward'
     # no running statistics: batch statistics, filtered, in eval mode too
@@ -265,30 +401,54 @@ def test_install_in_sequential_and_refusals():
     frozen.eval()
     hooked = nn.BatchNorm2d(4)
     hooked.register_forward_pre_hook(lambda m, a: None)
+    class OwnBN(nn.BatchNorm2d):
+        pass
+
+    # eval mode with a trained affine (MMPretrain's norm_eval): filtered
+    eval_trained = nn.BatchNorm2d(4).eval()
     model = nn.ModuleDict(dict(
         ok=seq(filt(), nn.BatchNorm2d(4)),
+        # what revert_sync_batchnorm makes of SyncBN
+        xd=seq(filt(), _BatchNormXd(4)),
+        evalbn=seq(filt(), eval_trained),
         plain=seq(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)),
         gn=seq(filt(), nn.GroupNorm(2, 4)),
+        bn1d=seq(filt(), nn.BatchNorm1d(4)),
+        own=seq(filt(), OwnBN(4)),
         sync=seq(filt(), nn.SyncBatchNorm(4)),
         frozen=seq(filt(), frozen),
         hooked=seq(filt(), hooked),
         first=nn.Sequential(nn.BatchNorm2d(4), filt())))
     assert filtered_norm_pairs(model) == [
-        (f'{k}.0', f'{k}.1') for k in ('ok', 'gn', 'sync', 'frozen', 'hooked')]
+        (f'{k}.0', f'{k}.1') for k in ('ok', 'xd', 'evalbn', 'gn', 'bn1d', 'own',
+                                       'sync', 'frozen', 'hooked')]
     records = {r.path: r for r in install_filtered_norm(model)}
-    assert records['ok.1'].status == 'installed'
-    assert isinstance(model.ok[1], FilteredBatchNorm2d)
+    for key in ('ok', 'xd', 'evalbn'):
+        assert records[f'{key}.1'].status == 'installed'
+        assert isinstance(model[key][1], FilteredBatchNorm2d)
+    assert records['xd.1'].type == '_BatchNormXd'
+    assert not model.evalbn[1].training
     reasons = {path: r.reason for path, r in records.items()
                if r.status == 'skipped'}
     assert reasons == {
         'plain.1': 'not fed by a GradFilterConv2d',
-        'gn.1': 'a GroupNorm is not a BatchNorm2d',
-        'sync.1': 'SyncBatchNorm: its statistics span processes',
-        'frozen.1': 'frozen and in eval mode: a fixed affine map keeps no '
-        'input',
+        'gn.1': 'not a 2-D BatchNorm',
+        'bn1d.1': 'not a 2-D BatchNorm',
+        'own.1': 'a subclass with its own behaviour, which a swap would drop',
+        'sync.1': 'its batch statistics and gradient sums are synced across '
+        'processes, which the filtered backward does not do',
+        'frozen.1': 'frozen and in eval mode: its exact backward, '
+        'dx = gamma * invstd * g, has nothing to filter',
         'hooked.1': 'has module hooks, which a swap would drop',
         'first.0': 'not fed by a GradFilterConv2d'}
-    assert [type(m) for m in model.modules()].count(FilteredBatchNorm2d) == 1
+    assert [type(m) for m in model.modules()].count(FilteredBatchNorm2d) == 3
+    # the swapped _BatchNormXd runs filtered, batch statistics as before
+    x = torch.randn(2, 4, 8, 8)
+    want = F.batch_norm(model.xd[0](x), None, None, model.xd[1].weight,
+                        model.xd[1].bias, True)
+    out = model.xd[:2](x)
+    assert out.grad_fn.name() == 'FilteredBatchNormFunctionBackward'
+    torch.testing.assert_close(out, want)
 
 
 def test_refuses_norm_before_conv_in_conv_module():
