@@ -22,6 +22,9 @@ conv without "same" padding gives the two grids different sizes, the input grid
 is cropped or zero-padded at its bottom/right to match; input pixels cut off that
 way get no gradient.
 
+Convs that read the same input with the same block shape (the ASPP branches)
+share one pooled tensor, saved once (:mod:`.shared_pool`).
+
 The memory-bound steps (block sums, the broadcast back to pixels, the tap sums)
 go through :func:`.backend.select`: fused kernels where they take the tensor,
 the pure-PyTorch :mod:`.reference` elsewhere.
@@ -36,6 +39,7 @@ from torch.nn.modules.utils import _pair
 
 from .backend import select
 from .reference import fit, grid_dtype, patch_grid_size
+from .shared_pool import shared_pool
 
 __all__ = [
     'GradFilterConv2dFunction', 'GridConv', 'grad_filter_conv2d', 'grid_conv',
@@ -156,7 +160,9 @@ class GradFilterConv2dFunction(torch.autograd.Function):
                          radius)
         # pooling first leaves the input in cache for the conv, which reads it;
         # the conv comes last, so no Python runs on caches it has filled
-        pooled = pool_blocks(x, grid.block) if ctx.needs_input_grad[1] else None
+        # convs reading the same x with the same block keep one pooled tensor
+        pooled = (shared_pool(x, grid.block, pool_blocks)
+                  if ctx.needs_input_grad[1] else None)
         ctx.save_for_backward(pooled, weight)
         ctx.grid = grid
         ctx.groups = groups
