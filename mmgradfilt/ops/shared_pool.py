@@ -23,8 +23,9 @@ not seen; autograd's own check of saved tensors misses them too.
 
 Lifetime: the cache holds the input and the pooled tensor only weakly. A
 pooled tensor lives as long as some autograd graph saves it (a conv's
-backward frees it), and its cache entry goes with it; the cache never keeps a
-tensor alive and costs nothing where no two convs share an input. Under a
+backward frees it), and its cache entry (a few small Python objects) goes
+with it; the cache never keeps a tensor alive, so where no two convs share an
+input memory is as without it. Under a
 saved-tensor hook that packs copies (offloading), the first conv's pooled
 tensor dies after its forward and later convs pool again: no sharing, same
 results.
