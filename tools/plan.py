@@ -17,7 +17,7 @@ import itertools
 import math
 import os.path as osp
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
@@ -228,7 +228,9 @@ def prefix_json(prefix: PrefixCosts) -> Dict:
         layer_flops={p: {pair_label(r) if r else 'vanilla': f
                          for r, f in v.items()}
                      for p, v in prefix.layer_flops.items()},
-        shared=[dict(bytes=b, convs=sorted(c)) for b, c in prefix.shared])
+        shared=[dict(bytes=b, convs=sorted(c)) for b, c in prefix.shared],
+        all_filtered=dict(saved_bytes=prefix.filtered_saved_bytes,
+                          peak_bytes=prefix.filtered_peak_bytes))
 
 
 def plot_front(path: str, prefixes: Sequence[PrefixCosts],
@@ -278,12 +280,87 @@ def over(measured: Dict, budget: Budget) -> Dict[str, float]:
 
 
 def smallest_message(prefix: PrefixCosts, layers: Sequence[Layer],
-                     what: str) -> str:
+                     why: str) -> str:
     least = min_figures(prefix, layers)
-    return (f'no plan fits the budget: {what} needs at least '
-            f'{least.saved_bytes / MB:.2f} MB saved for backward, a '
-            f'{least.peak_bytes / MB:.2f} MB peak and '
+    return (f'no plan fits the budget: {why}; the smallest plan, the '
+            f'classifier alone, needs {least.saved_bytes / MB:.2f} MB saved '
+            f'for backward, a {least.peak_bytes / MB:.2f} MB peak and '
             f'{least.backward_flops / 1e9:.3f} backward GFLOPs')
+
+
+def measure_prefixes(model: torch.nn.Module, layers: Sequence[Layer],
+                     hook_for: Callable, cfg: Config, batch: Dict,
+                     device: torch.device, budget: Budget
+                     ) -> Tuple[List[PrefixCosts], Optional[PrefixCosts]]:
+    """The costs of each prefix of ``layers`` that could fit ``budget``, and
+    the first that cannot (None if all could): a longer prefix keeps
+    everything a shorter one does, and more."""
+    bar = ProgressBar(len(layers) + 1)
+    prefixes = []
+    for k in range(len(layers) + 1):
+        prefix = measure_prefix(model, hook_for(layers[:k]), layers, k,
+                                cfg.optim_wrapper, batch, device)
+        bar.update()
+        if not min_figures(prefix, layers).fits(budget):
+            print()
+            return prefixes, prefix
+        prefixes.append(prefix)
+    print()
+    return prefixes, None
+
+
+def choose_measured(prefixes: Sequence[PrefixCosts], layers: Sequence[Layer],
+                    cosines: Dict, budget: Budget, min_cosine: float,
+                    measure: Callable[[Plan], Dict]
+                    ) -> Tuple[Optional[Plan], Optional[Dict], List]:
+    """The chosen plan whose measured step fits ``budget``, its measured
+    figures and the plans measured over budget before it. After a miss, the
+    next choice is made under the budget shrunk by the miss's factor, so
+    it predicts correspondingly less."""
+    target, rejected = budget, []
+    for _ in range(MAX_ATTEMPTS):
+        chosen, _ = choose_plan(prefixes, layers, cosines, target, min_cosine)
+        if chosen is None:
+            break
+        measured = measure(chosen)
+        ratios = over(measured, budget)
+        if not ratios:
+            return chosen, measured, rejected
+        rejected.append((chosen, measured))
+        target = dataclasses.replace(target, **{
+            key: getattr(budget, key) * getattr(chosen, key) / measured[key]
+            for key in ratios})
+    return None, None, rejected
+
+
+def chosen_table(chosen: Plan, cosines: Dict) -> Table:
+    """The chosen plan's layers: norm, radius, weight-gradient cosine."""
+    rows = []
+    for layer in chosen.layers:
+        radius = chosen.radii[layer.path]
+        rows.append([layer.path, layer.norm or '-',
+                     pair_label(radius) if radius else 'vanilla',
+                     cosines[layer.path][radius] if radius else None])
+    return Table([Column('trained layer', 'layer'), Column('norm', 'norm'),
+                  Column('radius', 'radius'),
+                  Column('dW cos', 'weight_cos', '.3f')], rows)
+
+
+def front_table(front: Sequence[Plan], chosen: Plan, measured: Dict,
+                rejected: Sequence, budget: Budget) -> Table:
+    """The front, the chosen and rejected plans marked with their measured
+    figures; the chosen plan last if it is not on the front (chosen under a
+    budget shrunk after a miss)."""
+    marks = [('*', chosen, measured)] + [('x', p, m) for p, m in rejected]
+    rows = []
+    for plan in front:
+        mark, result = next(((mark, m) for mark, p, m in marks
+                             if (p.trained, p.radii) ==
+                             (plan.trained, plan.radii)), ('', None))
+        rows.append(plan_row(plan, mark, plan.fits(budget), result))
+    if not any(r[0] == '*' for r in rows):
+        rows.append(plan_row(chosen, '*', True, measured))
+    return Table(FRONT_COLUMNS, rows)
 
 
 def main() -> None:
@@ -292,6 +369,7 @@ def main() -> None:
     start = time.perf_counter()
     cfg = read_config(args)
     check_config(cfg, args.config)
+    base = Config.fromfile(args.config)
     if args.batch_size:
         cfg.train_dataloader.batch_size = args.batch_size
     batch_size = cfg.train_dataloader.batch_size
@@ -337,22 +415,11 @@ def main() -> None:
     print(f'{len(layers)} candidate conv layers, classifier {classifier}; '
           f'measuring the step of each prefix ({batch_size} x {size[0]}x'
           f'{size[1]}, {device.type})')
-    bar = ProgressBar(len(layers) + 1)
-    prefixes: List[PrefixCosts] = []
-    stop = None
-    for k in range(len(layers) + 1):
-        prefix = measure_prefix(
-            cost_model, hook_for(layers[:k]), layers, k, cfg.optim_wrapper,
-            batch, device)
-        bar.update()
-        if not min_figures(prefix, layers).fits(budget):
-            stop = prefix
-            break
-        prefixes.append(prefix)
-    print()
+    prefixes, stop = measure_prefixes(cost_model, layers, hook_for, cfg,
+                                      batch, device, budget)
     if not prefixes:
-        raise SystemExit(smallest_message(stop, layers,
-                                          'training the classifier alone'))
+        raise SystemExit(smallest_message(stop, layers, 'not even the '
+                                          'classifier alone fits'))
     if stop is not None:
         print(f'stopped at {stop.trained} trained layers: even filtered, '
               f'they need {min_figures(stop, layers).saved_bytes / MB:.2f} MB '
@@ -370,43 +437,19 @@ def main() -> None:
     del fidelity_model
     print()
 
-    # the best plan, measured; over budget, the best under a budget shrunk
-    # by how far the prediction was off
-    target, rejected, measured = budget, [], None
-    for _ in range(MAX_ATTEMPTS):
-        chosen, front = choose_plan(prefixes, layers, cosines, target,
-                                    args.min_cosine)
-        if chosen is None:
-            break
-        hook = hook_for(chosen.layers, chosen.filter_install)
-        measured = measure_plan(model, hook, cfg, batch, device)
-        ratios = over(measured, budget)
-        if not ratios:
-            break
-        rejected.append((chosen, measured))
-        target = dataclasses.replace(target, **{
-            key: getattr(budget, key) * getattr(chosen, key) / measured[key]
-            for key in ratios})
-        chosen = None
+    chosen, measured, rejected = choose_measured(
+        prefixes, layers, cosines, budget, args.min_cosine,
+        lambda plan: measure_plan(
+            cost_model, hook_for(plan.layers, plan.filter_install), cfg,
+            batch, device))
     if chosen is None:
         raise SystemExit(smallest_message(
-            prefixes[0], layers, 'the classifier alone, measured plans '
-            'exceeding their prediction,'))
+            prefixes[0], layers, f'the {len(rejected)} plans chosen measured '
+            'over it'))
     _, front = choose_plan(prefixes, layers, cosines, budget, args.min_cosine)
     seconds = time.perf_counter() - start
 
-    rows = []
-    for plan in front:
-        mark, result = '', None
-        if plan.trained == chosen.trained and plan.radii == chosen.radii:
-            mark, result = '*', measured
-        for bad, bad_measured in rejected:
-            if plan.trained == bad.trained and plan.radii == bad.radii:
-                mark, result = 'x', bad_measured
-        rows.append(plan_row(plan, mark, plan.fits(budget), result))
-    if not any(r[0] == '*' for r in rows):
-        rows.append(plan_row(chosen, '*', True, measured))
-    table = Table(FRONT_COLUMNS, rows)
+    table = front_table(front, chosen, measured, rejected, budget)
     name = osp.splitext(osp.basename(args.config))[0]
     limits = [f'saved <= {args.max_saved_mb:g} MB'] + (
         [f'peak <= {args.max_peak_mb:g} MB'] if args.max_peak_mb else []) + (
@@ -419,29 +462,21 @@ def main() -> None:
     print()
     print(LEGEND)
     print()
-    chosen_table = Table(
-        [Column('trained layer', 'layer'), Column('norm', 'norm'),
-         Column('radius', 'radius'), Column('dW cos', 'weight_cos', '.3f')],
-        [[layer.path, layer.norm or '-',
-          pair_label(chosen.radii[layer.path]) if chosen.radii[layer.path]
-          else 'vanilla',
-          cosines.get(layer.path, {}).get(chosen.radii[layer.path])
-          if chosen.radii[layer.path] else None]
-         for layer in chosen.layers])
     print(f'chosen: {chosen.trained} conv layers + {classifier}; saved '
           f'{chosen.saved_bytes / MB:.2f} MB predicted, '
           f'{measured["saved_bytes"] / MB:.2f} MB measured; peak '
           f'{chosen.peak_bytes / MB:.2f} MB predicted, '
           f'{measured["peak_bytes"] / MB:.2f} MB measured')
     if chosen.layers:
-        print(chosen_table.text())
+        print(chosen_table(chosen, cosines).text())
     print(f'planned in {seconds:.1f} s')
 
     out_dir = args.out or osp.join('work_dirs', 'plan', name)
     mkdir_or_exist(out_dir)
+    freeze = freeze_rules(model, chosen.layers, classifier)
     hook_cfg = dict(type='GradientFilterHook',
                     filter_install=chosen.filter_install,
-                    freeze_layers=hook.freeze_layers, **settings)
+                    freeze_layers=freeze, **settings)
     extra = [f'# written by tools/plan.py: {", ".join(limits)} at batch '
              f'{batch_size} x {size[0]}x{size[1]} on {device.type}; '
              'see plan.json']
@@ -449,13 +484,11 @@ def main() -> None:
         extra.append(f'# planned with --cfg-options {args.cfg_options}')
     if args.checkpoint:
         extra.append(f'load_from = {args.checkpoint!r}')
-    if args.batch_size and args.batch_size != Config.fromfile(
-            args.config).train_dataloader.batch_size:
+    if batch_size != base.train_dataloader.batch_size:
         extra.append(f'train_dataloader = dict(batch_size={batch_size})')
     with open(osp.join(out_dir, 'config.py'), 'w') as f:
         f.write(plan_config(osp.abspath(args.config), hook_cfg,
-                            bool(Config.fromfile(args.config).get(
-                                'custom_hooks')), extra))
+                            bool(base.get('custom_hooks')), extra))
     write_json(osp.join(out_dir, 'plan.json'), dict(
         config=args.config, weights=weights,
         data='synthetic' if args.synthetic_data else 'training',
@@ -473,8 +506,8 @@ def main() -> None:
         measured_prefixes=[prefix_json(p) for p in prefixes],
         stopped_at=stop and stop.trained,
         front=[plan_json(p, cosines) for p in front],
-        chosen=dict(**plan_json(chosen, cosines),
-                    freeze_layers=hook.freeze_layers, measured=measured),
+        chosen=dict(**plan_json(chosen, cosines), freeze_layers=freeze,
+                    measured=measured),
         rejected=[dict(**plan_json(p, cosines), measured=m)
                   for p, m in rejected],
         seconds=seconds))
