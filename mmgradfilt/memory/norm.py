@@ -69,7 +69,8 @@ from ..ops.grad_filter_conv import sum_patches
 
 __all__ = [
     'FilteredBatchNormFunction', 'filtered_batch_norm', 'FilteredBatchNorm2d',
-    'NormRecord', 'filtered_norm_pairs', 'install_filtered_norm'
+    'NormRecord', 'filtered_norm_pairs', 'filtered_norm_records',
+    'install_filtered_norm'
 ]
 
 IntPair = Tuple[int, int]
@@ -380,6 +381,28 @@ def _refusal(norm: nn.Module, conv: Optional[str]) -> str:
     return ''
 
 
+def filtered_norm_records(model: nn.Module) -> List[NormRecord]:
+    """What :func:`install_filtered_norm` would do to ``model``, changing
+    nothing: one record per normalization layer (BatchNorm, InstanceNorm,
+    GroupNorm, LayerNorm), with the status it would get, or why it would be
+    left as it is."""
+    convs = {norm: conv for conv, norm in filtered_norm_pairs(model)}
+    records = []
+    for path, norm in model.named_modules():
+        if not isinstance(norm, _NORMS):
+            continue
+        conv = convs.get(path)
+        radius = model.get_submodule(conv).radius if conv else None
+        record = NormRecord(path, type(norm).__name__, conv, radius, 'skipped',
+                            _refusal(norm, conv))
+        if not record.reason and isinstance(norm, FilteredBatchNorm2d):
+            record.status = 'unchanged' if norm.radius == radius else 'updated'
+        elif not record.reason:
+            record.status = 'installed'
+        records.append(record)
+    return records
+
+
 def install_filtered_norm(model: nn.Module) -> List[NormRecord]:
     """Swap each ``BatchNorm2d`` (or MMEngine's ``_BatchNormXd``, reverted
     SyncBN) fed by a :class:`GradFilterConv2d` for a
@@ -393,27 +416,16 @@ def install_filtered_norm(model: nn.Module) -> List[NormRecord]:
         model (nn.Module): The model, changed in place.
 
     Returns:
-        list[NormRecord]: One record per normalization layer of ``model``
-        (BatchNorm, InstanceNorm, GroupNorm, LayerNorm): what was done, or
-        why it was left as it is.
+        list[NormRecord]: :func:`filtered_norm_records` of ``model`` before
+        the change: what was done, or why a layer was left as it is.
     """
-    convs = {norm: conv for conv, norm in filtered_norm_pairs(model)}
-    records, swaps = [], []
-    for path, norm in model.named_modules():
-        if not isinstance(norm, _NORMS):
-            continue
-        conv = convs.get(path)
-        radius = model.get_submodule(conv).radius if conv else None
-        record = NormRecord(path, type(norm).__name__, conv, radius, 'skipped',
-                            _refusal(norm, conv))
-        if not record.reason and isinstance(norm, FilteredBatchNorm2d):
-            record.status = 'unchanged' if norm.radius == radius else 'updated'
-            norm.radius = radius
-        elif not record.reason:
-            record.status = 'installed'
-            swaps.append((path, FilteredBatchNorm2d.from_bn(norm, radius)))
-        records.append(record)
-    for path, new in swaps:
-        parent, _, name = path.rpartition('.')
-        setattr(model.get_submodule(parent), name, new)
+    records = filtered_norm_records(model)
+    for record in records:
+        norm = model.get_submodule(record.path)
+        if record.status == 'updated':
+            norm.radius = record.radius
+        elif record.status == 'installed':
+            parent, _, name = record.path.rpartition('.')
+            setattr(model.get_submodule(parent), name,
+                    FilteredBatchNorm2d.from_bn(norm, record.radius))
     return records

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from mmengine.model import BaseModel
 
-from mmgradfilt.analysis.fidelity import (GradientRecorder, cosine,
-                                          layer_fidelity, measure_fidelity,
-                                          relative_error)
+from mmgradfilt.analysis.fidelity import (CONV_NORM_METRICS, METRICS,
+                                          NORM_METRICS, GradientRecorder,
+                                          cosine, layer_fidelity,
+                                          measure_fidelity, relative_error)
 from mmgradfilt.layers import GradFilterConv2d
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,13 +144,87 @@ def test_measure_fidelity_per_layer_and_radius():
     assert all(p.grad is None for p in model.parameters())
 
 
+class ConvBNModel(BaseModel):
+    """filtered conv -> BatchNorm -> ReLU -> filtered conv, in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            GradFilterConv2d(3, 4, 3, padding=1, radius=2), nn.BatchNorm2d(4),
+            nn.ReLU(), GradFilterConv2d(4, 2, 3, padding=1, radius=2)).double()
+
+    def forward(self, inputs, data_samples=None, mode='loss'):
+        return dict(loss=self.body(inputs).pow(2).mean())
+
+
+def conv_bn_rows(eval_norm: bool, filter_norm: bool = True):
+    torch.manual_seed(0)
+    model = ConvBNModel()
+    batches = [dict(inputs=smooth_field(2, 3, 12, 10, width=3))
+               for _ in range(2)]
+    if eval_norm:
+        # running statistics of these batches, as under norm_eval=True
+        model.body[1].momentum = None
+        with torch.no_grad():
+            for batch in batches:
+                model.body[:2](batch['inputs'])
+        model.body[1].eval()
+    return measure_fidelity(model, batches, radii=[1, 2],
+                            filter_norm=filter_norm)
+
+
+@pytest.mark.parametrize('eval_norm', [False, True])
+def test_measure_fidelity_with_filter_norm(eval_norm):
+    rows = {(r['layer'], r['radius'][0]): r for r in conv_bn_rows(eval_norm)}
+    plain = {(r['layer'], r['radius'][0]): r
+             for r in conv_bn_rows(eval_norm, filter_norm=False)}
+    # the same measure of the conv with the exact BN as without filter_norm
+    assert rows.keys() == plain.keys()
+    for key, row in rows.items():
+        for metric in METRICS:
+            want = plain[key][metric]
+            assert row[metric] == (None if want is None else pytest.approx(
+                want, rel=1e-12)), (key, metric)
+        assert all(plain[key][m] is None
+                   for m in CONV_NORM_METRICS + NORM_METRICS)
+    # the last conv feeds no BatchNorm
+    for radius in (1, 2):
+        last = rows['body.3', radius]
+        assert last['norm'] is None
+        assert all(last[m] is None for m in CONV_NORM_METRICS + NORM_METRICS)
+    first = rows['body.0', 2]
+    assert first['norm'] == 'body.1'
+    assert first['norm_stats'] == ('running' if eval_norm else 'batch')
+    # the data needs no gradient
+    assert first['filter_norm_input_cos'] is None
+    # radius 1 filters nothing: BN and conv exact
+    exact = rows['body.0', 1]
+    for metric in ('weight_cos', 'filter_norm_weight_cos', 'norm_weight_cos',
+                   'norm_weight_ratio', 'norm_bias_cos', 'norm_bias_ratio'):
+        assert exact[metric] == pytest.approx(1, abs=1e-12), metric
+    # radius 2: dbeta exact, dgamma from patch means
+    assert first['norm_bias_cos'] == pytest.approx(1, abs=1e-12)
+    assert first['norm_bias_ratio'] == pytest.approx(1, abs=1e-12)
+    assert 0 < first['norm_weight_cos'] < 1 - 1e-6
+    if eval_norm:
+        # eval-mode dx is exact: the conv sees what the exact BN gives it
+        assert first['filter_norm_weight_cos'] == pytest.approx(
+            first['weight_cos'], rel=1e-12)
+    else:
+        assert first['filter_norm_weight_cos'] != pytest.approx(
+            first['weight_cos'], rel=1e-9)
+        assert 0 < first['filter_norm_weight_cos'] < 1
+
+
 def run_tool(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / 'tools' / 'grad_fidelity.py'), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_tool_on_demo_config(tmp_path):
+def demo_inputs(tmp_path):
+    """A tiny digits dataset, random weights of the demo model in a
+    checkpoint, and the options that point the tool at both."""
     pytest.importorskip('mmseg')
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
@@ -161,9 +236,14 @@ def test_tool_on_demo_config(tmp_path):
     model = MODELS.build(Config.fromfile(str(FILT)).model)
     checkpoint = tmp_path / 'weights.pth'
     torch.save(dict(state_dict=model.state_dict()), checkpoint)
-    out = tmp_path / 'out'
     options = ['--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
                'train_dataloader.batch_size=2']
+    return data_root, checkpoint, options
+
+
+def test_tool_on_demo_config(tmp_path):
+    data_root, checkpoint, options = demo_inputs(tmp_path)
+    out = tmp_path / 'out'
     proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
                     '2', '--radius', '2', '4', '--out', str(out), *options)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -215,6 +295,30 @@ def test_tool_on_demo_config(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.splitlines()[-1].startswith('training data: ')
     assert 'tools/dataset_converters/digits_seg.py' in proc.stderr
+
+
+def test_tool_filter_norm_on_demo_config(tmp_path):
+    _, checkpoint, options = demo_inputs(tmp_path)
+    out = tmp_path / 'out'
+    proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
+                    '1', '--filter-norm', '--out', str(out), *options)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'dgamma cos' in proc.stdout and 'dW cos, +norm' in proc.stdout
+    assert '+norm: the same conv behind a filtered BatchNorm' in proc.stdout
+    saved = json.loads((out / 'fidelity.json').read_text())
+    assert saved['filter_norm'] is True
+    for row in saved['layers']:
+        # each filtered ConvModule's own BN, in training mode
+        assert row['norm'] == row['layer'][:-len('conv')] + 'bn'
+        assert row['norm_stats'] == 'batch'
+        assert row['norm_bias_cos'] == pytest.approx(1, abs=1e-6)
+        assert -1 <= row['filter_norm_weight_cos'] <= 1
+    conv_csv = list(csv.DictReader((out / 'fidelity.csv').open()))
+    assert len(conv_csv) == 5 and 'filter_norm_weight_cos' in conv_csv[0]
+    norm_csv = list(csv.DictReader((out / 'norm_fidelity.csv').open()))
+    assert [row['norm'] for row in norm_csv] == [
+        row['norm'] for row in saved['layers']]
+    assert all(-1 <= float(row['norm_weight_cos']) <= 1 for row in norm_csv)
 
 
 def test_missing_demo_checkpoint_names_the_command(tmp_path):
