@@ -148,7 +148,8 @@ def fidelity_batches(cfg: Config, args: argparse.Namespace, batch: Dict):
     loader_cfg.update(num_workers=0, persistent_workers=False)
     try:
         loader = Runner.build_dataloader(loader_cfg, seed=args.seed)
-    except FileNotFoundError as e:
+    # MMSeg asserts that a dataset's ann_file exists
+    except (FileNotFoundError, AssertionError) as e:
         raise SystemExit(f'training data: {e} (or pass --synthetic-data)'
                          ) from None
     return itertools.islice(iter(loader), args.batches)

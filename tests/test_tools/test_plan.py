@@ -186,6 +186,14 @@ def test_bad_inputs_refused_before_measuring(tmp_path, demo, monkeypatch):
     assert message.startswith('training data: ')
     assert message.endswith('(or pass --synthetic-data)')
 
+    # the paper's config without its VOC data (MMSeg asserts the ann_file)
+    if not (ROOT / 'data' / 'VOCdevkit').exists():
+        voc = (ROOT / 'configs' / 'deeplabv3' /
+               'deeplabv3_r18-d8_filt5L_4xb2-20k_voc12aug-512x512.py')
+        message = run_main(tool, monkeypatch, voc, '--max-saved-mb', 50,
+                           '--cfg-options', 'load_from=None')
+        assert message.startswith('training data: ')
+
 
 def test_budget_no_plan_meets(demo, monkeypatch):
     data_root, checkpoint = demo
@@ -203,3 +211,28 @@ def test_budget_no_plan_meets(demo, monkeypatch):
     saved = float(message.split('needs ')[1].split(' MB')[0])
     assert saved > 0.001
     assert 'MB peak' in message and 'backward GFLOPs' in message
+
+
+def test_plan_measured_over_budget_gives_way():
+    # A filtered predicts 30 - 15 + 2 = 17 <= 20, but measures 25% more:
+    # refused; the next choice is made under 20 * 17 / 21.25 = 16, which
+    # only the classifier alone (10, measured 12.5) meets
+    from mmgradfilt.analysis.plan import Budget, Layer, PrefixCosts
+    layers = [Layer('A', None, (1, ), (1, 1, 8, 8), [(2, 2)])]
+    prefixes = [
+        PrefixCosts(0, 10, 100, 0),
+        PrefixCosts(1, 30, 120, 100, filtered_bytes={'A': {(2, 2): 2}},
+                    layer_flops={'A': {None: 100, (2, 2): 10}},
+                    shared=[(15, frozenset({'A'}))])]
+    measured = []
+
+    def measure(plan):
+        measured.append(plan.saved_bytes)
+        return dict(saved_bytes=1.25 * plan.saved_bytes,
+                    peak_bytes=plan.peak_bytes)
+
+    chosen, figures, rejected = load_tool().choose_measured(
+        prefixes, layers, {'A': {(2, 2): 0.9}}, Budget(20), 0.5, measure)
+    assert measured == [17, 10]
+    assert chosen.trained == 0 and figures['saved_bytes'] == 12.5
+    assert [(p.trained, p.radii) for p, _ in rejected] == [(1, {'A': (2, 2)})]
