@@ -1,5 +1,5 @@
 import logging
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from mmengine.hooks import Hook
@@ -37,9 +37,13 @@ class GradientFilterHook(Hook):
         lean_memory (bool): Then make the step keep less for backward with
             :func:`mmgradfilt.surgery.make_lean` (exact: 1-bit activation
             masks, the banded segmentation loss). Defaults to True.
-        filter_norm (bool): Also replace the BatchNorms right after filtered
-            convs by patch-statistics ones (approximate); needs
-            ``lean_memory``. Defaults to False.
+        filter_norm (bool, optional): Also replace the BatchNorms right after
+            filtered convs by patch-statistics ones
+            (:class:`~mmgradfilt.memory.FilteredBatchNorm2d`, approximate:
+            the BN's weight gradient, and in training mode the conv's
+            gradients, come from patch means); needs ``lean_memory``.
+            Defaults to None: the same as ``lean_memory``, so
+            ``lean_memory=False`` gives the plain filtered step.
     """
 
     priority = 'VERY_HIGH'
@@ -49,13 +53,17 @@ class GradientFilterHook(Hook):
                  freeze_layers: Sequence[str] = (),
                  norm_eval: bool = True,
                  lean_memory: bool = True,
-                 filter_norm: bool = False) -> None:
+                 filter_norm: Optional[bool] = None) -> None:
         check_filter_install(filter_install)
         for name, value in (('norm_eval', norm_eval),
-                            ('lean_memory', lean_memory),
-                            ('filter_norm', filter_norm)):
+                            ('lean_memory', lean_memory)):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be a bool, got {value!r}')
+        if not isinstance(filter_norm, (bool, type(None))):
+            raise TypeError(f'filter_norm must be a bool or None, got '
+                            f'{filter_norm!r}')
+        if filter_norm is None:
+            filter_norm = lean_memory
         if filter_norm and not lean_memory:
             raise ValueError('filter_norm=True is part of the lean step: it '
                              'needs lean_memory=True')

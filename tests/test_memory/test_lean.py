@@ -233,10 +233,49 @@ def test_filter_norm_swaps_the_norms_behind_filtered_convs():
 
 
 def test_filter_norm_records_match_the_seg_model():
-    batch, _, lean, _ = _pair(SEG_CONFIG, 64, filter_norm=True)
+    batch, plain, lean, _ = _pair(SEG_CONFIG, 64, filter_norm=True)
     norms = [r for r in make_lean(lean, filter_norm=True) if r.part == 'norm']
     assert len(norms) == 28  # every BatchNorm, lean or not
     for record in norms:
         assert isinstance(lean.get_submodule(record.path),
                           FilteredBatchNorm2d) == (record.status != 'not lean')
-    assert torch.isfinite(_train_step(lean, batch(2))[0])
+    # the reverted SyncBNs (_BatchNormXd) after the five filtered convs
+    assert sorted(r.path for r in norms if r.status != 'not lean') == sorted(
+        path[:-len('conv')] + 'bn' for path in
+        ('decode_head.bottleneck.conv',
+         *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))))
+    exact = copy.deepcopy(plain)
+    make_lean(exact)
+    data = batch(2)
+    step = _train_step(lean, data)
+    assert torch.isfinite(step[0])
+    assert step[3] < _train_step(exact, data)[3]
+
+
+def test_filter_norm_on_the_cls_model_in_eval_mode():
+    # norm_eval=True: the trained blocks' BatchNorms run on running
+    # statistics with a trained affine
+    # 128x128: 4x4 maps in layer4, one 4x4 patch each
+    batch, plain, lean, _ = _pair(CLS_CONFIG, 128, filter_norm=True)
+    paths = [p for p, m in lean.named_modules()
+             if isinstance(m, FilteredBatchNorm2d)]
+    assert paths == [f'backbone.layer4.{p}' for p in
+                     ('0.bn1', '0.bn2', '0.downsample.1', '1.bn1', '1.bn2')]
+    nodes = []
+    for path in paths:
+        lean.get_submodule(path).register_forward_hook(
+            lambda m, a, out: nodes.append((m.training, out.grad_fn.name())))
+    exact = copy.deepcopy(plain)
+    make_lean(exact)
+    data = batch(4)
+    step, exact_step = _train_step(lean, data), _train_step(exact, data)
+    assert set(nodes) == {(False, 'FilteredBatchNormFunctionBackward')}
+    assert step[3] < exact_step[3] / 2
+    # the same loss; only the BNs' weight gradients differ
+    assert torch.equal(step[0], exact_step[0])
+    norm_weights = {f'{path}.weight' for path in paths}
+    for name, grad in exact_step[2].items():
+        if name in norm_weights:
+            assert not torch.equal(step[2][name], grad), name
+        else:
+            torch.testing.assert_close(step[2][name], grad, msg=name)

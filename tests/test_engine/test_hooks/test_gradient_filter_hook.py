@@ -115,7 +115,9 @@ class TestGradientFilterHook(RunnerTestCase):
         states, logs = [], []
         for lean_memory in (False, True):
             cfg = copy.deepcopy(self.iter_based_cfg)
-            cfg.custom_hooks = [dict(HOOK, lean_memory=lean_memory)]
+            # filter_norm (on with lean_memory by default) is approximate
+            cfg.custom_hooks = [dict(HOOK, lean_memory=lean_memory,
+                                     filter_norm=False)]
             cfg.work_dir = osp.join(self.temp_dir.name, str(lean_memory))
             cfg.experiment_name = f'lean_{lean_memory}'
             runner = self.build_runner(cfg)
@@ -179,11 +181,20 @@ def test_hook_rejects_bad_config_at_build():
         GradientFilterHook(freeze_layers='backbone')
 
 
-@pytest.mark.parametrize('name', ['lean_memory', 'filter_norm', 'norm_eval'])
-@pytest.mark.parametrize('value', ['yes', 1, None])
+# None is filter_norm's default: follow lean_memory
+@pytest.mark.parametrize('name,value', [
+    (name, value) for name in ('lean_memory', 'filter_norm', 'norm_eval')
+    for value in ('yes', 1, None) if (name, value) != ('filter_norm', None)])
 def test_hook_rejects_non_bool_flags(name, value):
-    with pytest.raises(TypeError, match=f'{name} must be a bool, got {value!r}'):
+    with pytest.raises(TypeError, match=f'{name} must be a bool(?: or None)?, '
+                       f'got {value!r}'):
         GradientFilterHook(**{name: value})
+
+
+def test_filter_norm_follows_lean_memory_by_default():
+    assert GradientFilterHook().filter_norm is True
+    assert GradientFilterHook(lean_memory=False).filter_norm is False
+    assert GradientFilterHook(filter_norm=False).filter_norm is False
 
 
 def test_hook_rejects_filter_norm_without_lean_memory():
