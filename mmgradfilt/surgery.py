@@ -286,9 +286,10 @@ def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
     become their 1-bit-mask twins (:mod:`mmgradfilt.memory.activations`), and
     each MMSeg decode head whose loss :func:`lean_loss_support` accepts gets
     the banded loss that keeps head-size logits only. With ``filter_norm``,
-    also each BatchNorm2d right after a :class:`GradFilterConv2d` becomes a
-    :class:`~mmgradfilt.memory.FilteredBatchNorm2d` (approximate: patch
-    statistics). Every part is checked before any is changed; a part the lean
+    also each BatchNorm2d (or reverted SyncBN) right after a
+    :class:`GradFilterConv2d`, trained or in eval mode with a trained affine,
+    becomes a :class:`~mmgradfilt.memory.FilteredBatchNorm2d` (approximate:
+    patch statistics). Every part is checked before any is changed; a part the lean
     path does not know is left as it is, and its record says why. Parameters
     and state_dict keys do not change.
 
