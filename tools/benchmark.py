@@ -1,10 +1,13 @@
 """Measure the training cost of gradient filtering on this device.
 
-Config mode: builds the config's model twice, vanilla (the config's freezing,
-no filter: PyTorch's backward) and filtered (as its GradientFilterHook says),
+Config mode: builds the config's model as vanilla (the config's freezing, no
+filter: PyTorch's backward), filtered (its GradientFilterHook without the
+lean step), filtered+lean (the hook as configured, lean_memory=True) and,
+with ``--filter-norm``, filtered+lean+norm (filter_norm=True),
 and times forward, backward and optimizer step on a synthetic batch of the
-config's training size, with saved-activation memory, peak memory and backward
-FLOPs of the filtered layers.
+config's training size, with saved-activation memory (by kind of module),
+peak memory (and the phase of the step that holds it) and backward FLOPs of
+the filtered layers.
 
 Layer mode (``--layers``): times single conv shapes, PyTorch's backward vs
 the filtered one, for several radii.
@@ -12,7 +15,8 @@ the filtered one, for several radii.
 import argparse
 import os.path as osp
 import platform
-from typing import Tuple
+from dataclasses import asdict
+from typing import Dict, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
@@ -21,9 +25,11 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 from mmgradfilt.benchmark.layers import (bench_layer, layer_legend,
                                          layer_table, load_layer_suite)
 from mmgradfilt.benchmark.report import (TIMES, csv_table, layers_table,
-                                         plot_layers, plot_step, ratio,
-                                         step_legend, step_table)
-from mmgradfilt.benchmark.step import (TrainStep, build_models, measure_step,
+                                         memory_table, peak_notes, plot_layers,
+                                         plot_step, ratio, step_legend,
+                                         step_table)
+from mmgradfilt.benchmark.step import (LEAN_NORM, VARIANTS, TrainStep,
+                                       Variant, build_variants, measure_step,
                                        synthetic_batch, time_steps,
                                        train_input_size)
 from mmgradfilt.benchmark.timing import paired_ratio
@@ -60,6 +66,10 @@ def parse_args() -> argparse.Namespace:
                         help='default: the config\'s '
                         'train_dataloader.batch_size in config mode, '
                         f'{LAYER_BATCH_SIZE} in layer mode')
+    parser.add_argument('--filter-norm', action='store_true',
+                        help='config mode: also measure filtered+lean+norm, '
+                        'the hook with filter_norm=True (patch-statistics '
+                        'BatchNorms), unless filtered+lean has it already')
     parser.add_argument('--iters', type=int, default=10, metavar='N',
                         help='timed repeats (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3, metavar='N',
@@ -117,36 +127,65 @@ def environment(args: argparse.Namespace, batch_size: int) -> dict:
                 iters=args.iters, warmup=args.warmup)
 
 
+def variant_ratios(result: Dict, variants: Sequence[Variant]) -> Dict:
+    """For each model after vanilla: vanilla / model for times (paired),
+    saved and peak memory; for the lean ones also their step time /
+    filtered's (paired)."""
+    van = result['vanilla']
+    ratios = {}
+    for variant in variants[1:]:
+        res = result[variant.key]
+        ratios[variant.key] = dict(
+            {t: paired_ratio(van[t], res[t]) for t in TIMES},
+            saved=ratio(van['saved_bytes'], res['saved_bytes']),
+            peak=ratio(van['peak_bytes'], res['peak_bytes']))
+        if 'step_kernel_ms' in res:
+            ratios[variant.key]['step_kernel'] = ratio(
+                van['step_kernel_ms'], res['step_kernel_ms'])
+        if variant.key != 'filtered':
+            ratios[variant.key]['step_vs_filtered'] = paired_ratio(
+                res['step'], result['filtered']['step'])
+    return ratios
+
+
 def run_config(args: argparse.Namespace, device: torch.device,
                out_dir: str) -> None:
     cfg = read_config(args)
     size, batch_size, what = size_and_batch(args, cfg)
     env = environment(args, batch_size)
+    variants = (*VARIANTS, LEAN_NORM) if args.filter_norm else VARIANTS
+    models, paths, settings = build_variants(cfg, device, size, variants)
+    if args.filter_norm and settings['lean']['filter_norm']:
+        # the config's lean step filters its norms already: the same model
+        print('--filter-norm: filtered+lean has filter_norm=True already')
+        variants = VARIANTS
+        del models[LEAN_NORM.key]
+    labels = ', '.join(v.label for v in variants)
     print(f'{osp.basename(args.config)}: {what}, {args.device} '
           f'({env["device_name"]}, {env["threads"]} threads), {args.iters} '
-          f'timed steps after {args.warmup} warm-up, vanilla and filtered '
-          'in turn')
-    vanilla, filtered, paths = build_models(cfg, device, size)
+          f'timed steps after {args.warmup} warm-up, {labels} in turn')
     batch = synthetic_batch(cfg, batch_size, size)
     result = dict(config=args.config, input_size=size, env=env,
-                  filtered_layers=paths)
+                  filtered_layers=paths,
+                  variants=[dict(asdict(v), settings=settings.get(v.key))
+                            for v in variants])
     steps = {key: TrainStep(model, cfg.optim_wrapper, batch)
-             for key, model in (('vanilla', vanilla), ('filtered', filtered))}
+             for key, model in models.items()}
     bar = ProgressBar(len(steps) * (args.warmup + args.iters))
     timings = time_steps(steps, device, args.iters, args.warmup, bar.update)
     print()
     for key, step in steps.items():
         result[key] = dict(timings[key],
                            **measure_step(step, paths, device, args.iters))
-    van, fil = result['vanilla'], result['filtered']
-    result['ratios'] = dict(
-        {t: paired_ratio(van[t], fil[t]) for t in TIMES},
-        saved=ratio(van['saved_bytes'], fil['saved_bytes']),
-        peak=ratio(van['peak_bytes'], fil['peak_bytes']))
+    result['ratios'] = variant_ratios(result, variants)
     peak_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
                  else 'the CPU allocator\'s peak (torch.profiler memory '
                  'events)')
-    print(step_table(result))
+    print(step_table(result).text())
+    print()
+    print('Where the memory goes:')
+    print(memory_table(result).text())
+    print('\n'.join(peak_notes(result)))
     print()
     print(layers_table(result).text())
     print()

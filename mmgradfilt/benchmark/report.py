@@ -1,10 +1,11 @@
 """What the benchmark prints and draws beyond the layer suite's table: a
-config's step table, per-layer table, the CSV table of both, their legend,
-and the charts. The writers and chart helpers are :mod:`mmgradfilt.report`'s."""
-from typing import Dict, List, Optional
+config's step table, where its memory goes (saved bytes by kind of module,
+the peak by phase), its per-layer table, the CSV table of all of them, their
+legend, and the charts. The writers and chart helpers are :mod:`mmgradfilt.report`'s."""
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..report import (MB, Column, Table, format_table, pyplot, radius_bars,
-                      save_figure)
+from ..report import MB, Column, Table, pyplot, radius_bars, save_figure
+from .memory import KINDS, STEP_PHASES
 from .step import PHASES
 
 TIMES = (*PHASES, 'step')
@@ -69,92 +70,219 @@ def _ms(stats: Dict) -> str:
     return f"{stats['median']:.1f} [{stats['q1']:.1f}-{stats['q3']:.1f}]"
 
 
-def step_table(result: Dict) -> str:
-    """The whole step, printed: phase medians [quartiles], saved and peak
-    memory of each model, and a row of vanilla/filtered ratios."""
-    headers = ['model', *(f'{p} ms' for p in TIMES), 'saved MB', 'peak MB']
-    rows = [[key, *(_ms(result[key][p]) for p in TIMES),
-             f"{result[key]['saved_bytes'] / MB:.1f}",
-             f"{result[key]['peak_bytes'] / MB:.1f}"] for key in MODELS]
-    ratios = result['ratios']
-    rows.append(['vanilla/filtered',
-                 *(f'{ratios[k]:.2f}x' for k in (*TIMES, 'saved', 'peak'))])
-    if 'step_kernel_ms' in result['vanilla']:
-        headers.append('step kernel ms')
-        kernel = [result[k]['step_kernel_ms'] for k in MODELS]
-        rows[0].append(f'{kernel[0]:.2f}')
-        rows[1].append(f'{kernel[1]:.2f}')
-        rows[2].append(f'{ratio(*kernel):.2f}x')
-    return format_table(headers, rows)
+def variants(result: Dict) -> List[Dict]:
+    """The measured variants (key, label, ...) in their order."""
+    return result['variants']
+
+
+def _ratios(result: Dict, key: str) -> Dict:
+    """vanilla / variant ratios (and variant / filtered step times); empty
+    for the vanilla model itself."""
+    return result['ratios'].get(key, {})
+
+
+def step_table(result: Dict) -> Table:
+    """The whole step of each model, printed: phase medians [quartiles],
+    the step time against vanilla and against filtered, saved and peak
+    memory with their vanilla/model ratios and the phase of the peak."""
+    kernels = 'step_kernel_ms' in result['vanilla']
+    columns = [Column('model', 'model'),
+               *(Column(f'{p} ms', p) for p in TIMES),
+               Column('speedup', 'step_speedup', '.2f', 'x'),
+               Column('step vs filtered', 'step_vs_filtered', '.2f', 'x'),
+               Column('saved MB', 'saved', '.1f'),
+               Column('saved ratio', 'saved_ratio', '.2f', 'x'),
+               Column('peak MB', 'peak', '.1f'),
+               Column('peak ratio', 'peak_ratio', '.2f', 'x'),
+               Column('peak phase', 'peak_phase')]
+    if kernels:
+        columns.append(Column('step kernel ms', 'step_kernel', '.2f'))
+    rows = []
+    for variant in variants(result):
+        res, ratios = result[variant['key']], _ratios(result, variant['key'])
+        row = [variant['label'], *(_ms(res[p]) for p in TIMES),
+               ratios.get('step'), ratios.get('step_vs_filtered'),
+               res['saved_bytes'] / MB, ratios.get('saved'),
+               res['peak_bytes'] / MB, ratios.get('peak'), res['peak_phase']]
+        if kernels:
+            row.append(res['step_kernel_ms'])
+        rows.append(row)
+    return Table(columns, rows)
+
+
+def memory_table(result: Dict) -> Table:
+    """Where the memory goes, per model: saved bytes by kind of the module
+    that saved them, and the peak of each phase of the step."""
+    columns = [Column('model', 'model'),
+               *(Column(f'saved {k} MB', k, '.2f') for k in KINDS),
+               Column('saved MB', 'saved', '.2f'),
+               *(Column(f'peak {p} MB', p, '.1f') for p in STEP_PHASES)]
+    rows = []
+    for variant in variants(result):
+        res = result[variant['key']]
+        rows.append([variant['label'],
+                     *(res['saved_by_kind'][k] / MB for k in KINDS),
+                     res['saved_bytes'] / MB,
+                     *(_mb(res['phase_peak_bytes'][p]) for p in STEP_PHASES)])
+    return Table(columns, rows)
+
+
+def _mb(nbytes: Optional[int]) -> Optional[float]:
+    return None if nbytes is None else nbytes / MB
+
+
+def peak_notes(result: Dict) -> List[str]:
+    """One line per model: its peak, the phase it falls in and the kind of
+    module that saved the most; then, where a peak falls in the frozen
+    forward, a line naming the lever for it (MMEngine's
+    ``accumulative_counts``)."""
+    lines, frozen = [], []
+    for variant in variants(result):
+        res = result[variant['key']]
+        kinds = res['saved_by_kind']
+        top = max(KINDS, key=lambda k: kinds[k])
+        lines.append(
+            f"{variant['label']}: peak {res['peak_bytes'] / MB:.1f} MB in the "
+            f"{res['peak_phase']}; most saved by {top} modules "
+            f"({kinds[top] / MB:.1f} of {res['saved_bytes'] / MB:.1f} MB)")
+        if res['peak_phase'] == 'frozen forward':
+            frozen.append(variant['label'])
+    if frozen:
+        lines.append(
+            f"The peak of {', '.join(frozen)} is in the frozen layers' "
+            'forward, which saves nothing for backward: neither the filter nor '
+            'the lean step can lower it; a smaller batch per step can, with '
+            'MMEngine\'s gradient accumulation '
+            '(optim_wrapper=dict(accumulative_counts=N), '
+            'train_dataloader.batch_size divided by N)')
+    return lines
 
 
 def csv_table(result: Dict) -> Table:
     """Everything of the printed tables as numbers: a row for the whole
-    model (times, peak, saved), then the rows of :func:`layers_table`
-    (their time and peak cells empty: measured for the whole step only)."""
-    van, fil = (result[k] for k in MODELS)
-    step_columns = LAYER_COLUMNS[:1]
-    values: List[Optional[float]] = ['whole model']
+    model (times, peak and its phases, saved and its kinds, for each model
+    measured), then the rows of :func:`layers_table` (their time and peak
+    cells empty: measured for the whole step only).
+
+    A figure of the whole model is ``{name}_{model}_{unit}``; vanilla /
+    filtered is ``{name}_speedup_x`` for times and ``{name}_ratio_x``
+    otherwise, vanilla / another model ``{name}_{model}_speedup_x`` and
+    ``{name}_{model}_ratio_x``.
+    """
+    keys = [v['key'] for v in variants(result)]
+    later = keys[2:]  # the models after vanilla and filtered
+    res = {k: result[k] for k in keys}
+    cells: List[Tuple[Column, object]] = [(LAYER_COLUMNS[0], 'whole model')]
+
+    def add(name: str, unit: str, fmt: str, ratio_name: str,
+            value: Callable[[str], Optional[float]], models: Sequence[str],
+            ratio_key: str) -> None:
+        """Columns of ``value`` for ``models``, then vanilla/model ratios
+        (``result['ratios'][model][ratio_key]``) for those after vanilla."""
+        for k in models:
+            cells.append((Column(f'{name} {unit} ({k})', f'{name}_{k}_{unit}',
+                                 fmt), value(k)))
+        for k in models:
+            if k != 'vanilla':
+                column = (f'{name}_{ratio_name}_x' if k == 'filtered' else
+                          f'{name}_{k}_{ratio_name}_x')
+                cells.append((Column(f'{name} {ratio_name} ({k})', column,
+                                     '.2f', 'x'), _ratios(result, k)[ratio_key]))
+
     for phase in TIMES:
-        step_columns += compared(phase, phase, 'ms', '.1f',
-                                 f'{phase} speedup', 'speedup')
-        values += [van[phase]['median'], fil[phase]['median'],
-                   result['ratios'][phase]]
-    if 'step_kernel_ms' in van:
-        step_columns += compared('step kernel', 'step_kernel', 'ms', '.2f',
-                                 'step kernel speedup', 'speedup')
-        kernel = [van['step_kernel_ms'], fil['step_kernel_ms']]
-        values += [*kernel, ratio(*kernel)]
-    step_columns += compared('peak', 'peak', 'MB', '.1f', 'peak ratio',
-                             'ratio')
-    peak = [van['peak_bytes'] / MB, fil['peak_bytes'] / MB]
-    values += [*peak, ratio(*peak)]
-    extra = len(step_columns) - 1
-    saved = [van['saved_bytes'] / MB, fil['saved_bytes'] / MB]
-    rows = [[*values, *saved, ratio(*saved), None, None, None]]
-    rows += [[row[0], *[None] * extra, *row[1:]]
+        add(phase, 'ms', '.1f', 'speedup',
+            lambda k, p=phase: res[k][p]['median'],
+            keys, phase)
+    if 'step_kernel_ms' in res['vanilla']:
+        add('step_kernel', 'ms', '.2f', 'speedup',
+            lambda k: res[k]['step_kernel_ms'], keys, 'step_kernel')
+    add('peak', 'MB', '.1f', 'ratio', lambda k: res[k]['peak_bytes'] / MB,
+        keys, 'peak')
+    cells += [(Column(f'step vs filtered ({k})', f'step_{k}_vs_filtered_x',
+                      '.2f', 'x'), _ratios(result, k)['step_vs_filtered'])
+              for k in later]
+    cells += [(Column(f'peak phase ({k})', f'peak_phase_{k}'),
+               res[k]['peak_phase']) for k in keys]
+    for phase in STEP_PHASES:
+        cells += [(Column(f'peak {phase} MB ({k})',
+                          f"peak_{phase.replace(' ', '_')}_{k}_MB", '.1f'),
+                   _mb(res[k]['phase_peak_bytes'][phase])) for k in keys]
+    for kind in KINDS:
+        cells += [(Column(f'saved {kind} MB ({k})', f'saved_{kind}_{k}_MB',
+                          '.3f'), res[k]['saved_by_kind'][kind] / MB)
+                  for k in keys]
+    # vanilla's and filtered's saved bytes go in the layer columns below
+    add('saved', 'MB', '.3f', 'ratio', lambda k: res[k]['saved_bytes'] / MB,
+        later, 'saved')
+    saved = [res[k]['saved_bytes'] / MB for k in ('vanilla', 'filtered')]
+    columns = [c for c, _ in cells] + LAYER_COLUMNS[1:]
+    rows = [[*(v for _, v in cells), *saved, ratio(*saved), None, None, None]]
+    rows += [[row[0], *[None] * (len(cells) - 1), *row[1:]]
              for row in layers_table(result).rows]
-    return Table([*step_columns, *LAYER_COLUMNS[1:]], rows)
+    return Table(columns, rows)
 
 
 def step_legend(result: Dict, peak_kind: str) -> str:
-    """What the columns of :func:`step_table` and :func:`layers_table` mean."""
-    iters = result['filtered']['step']['n']
+    """What the columns of :func:`step_table`, :func:`memory_table` and
+    :func:`layers_table` mean."""
+    iters = result['vanilla']['step']['n']
+    width = max(len(v['label']) for v in variants(result)) + 1
     return '\n'.join([
-        'vanilla:  the config\'s model with the config\'s freezing and no '
-        'gradient filter (PyTorch\'s backward)',
-        'filtered: the same model with the config\'s GradientFilterHook '
-        'applied (the filtered layers above)',
+        *(f"{v['label'] + ':':<{width}} {v['description']}" + (
+            '' if v['settings'] is None else ' ({})'.format(', '.join(
+                f'{k}={x}' for k, x in v['settings'].items())))
+          for v in variants(result)),
         f'ms: median [quartiles] over {iters} timed steps; step = forward + '
         'backward + optimizer',
-        'vanilla/filtered, speedup, ratio: vanilla / filtered (for times, '
-        'the median of the steps\' ratios); above 1 the filter is faster or '
-        'needs less',
+        'speedup, ratio: vanilla / the model (for times, the median of the '
+        'steps\' ratios); above 1 the model is faster or needs less',
+        'step vs filtered: the model\'s step time / filtered\'s (median of '
+        'the steps\' ratios), the cost of the lean step',
         'saved MB: tensors autograd keeps for backward in one forward pass '
         '(in the model, or in the layer)',
-        f'peak MB: {peak_kind}, above what was live before the step',
+        'saved <kind> MB: by the innermost module running when a tensor was '
+        'first saved: conv, norm, activation, loss (the decode head\'s '
+        'loss_by_feat, the classification head\'s _get_loss), other; they '
+        'add up to saved MB',
+        f'peak MB: {peak_kind}, above what was live before the step; '
+        'peak <phase> MB: the highest point in that phase: frozen forward '
+        '(until the first trained module), trained forward, loss, backward, '
+        'optimizer',
         'bwd GFLOPs: analytic, the input and weight gradients of the layer '
         '(1 GFLOP = 1e9 FLOPs)',
     ])
 
 
 def plot_step(path: str, result: Dict, title: str) -> None:
-    """Stacked phase times and peak memory, vanilla vs filtered."""
+    """Stacked phase times, saved bytes stacked by kind of module, and the
+    peak of each phase, for each model."""
     plt = pyplot()
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 4))
-    bottom = [0.0, 0.0]
-    for phase in PHASES:
-        values = [result[k][phase]['median'] for k in MODELS]
-        ax_t.bar(MODELS, values, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax_t.set_ylabel('median time per step (ms)')
-    ax_t.legend()
-    ax_m.bar(MODELS, [result[k]['peak_bytes'] / MB for k in MODELS],
-             color='tab:gray', label='peak')
-    ax_m.bar(MODELS, [result[k]['saved_bytes'] / MB for k in MODELS],
-             color='tab:purple', label='saved for backward')
-    ax_m.set_ylabel('memory (MB)')
-    ax_m.legend()
+    labels = [v['label'] for v in variants(result)]
+    res = [result[v['key']] for v in variants(result)]
+    fig, (ax_t, ax_s, ax_p) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, parts, values, ylabel in (
+            (ax_t, PHASES, lambda r, p: r[p]['median'],
+             'median time per step (ms)'),
+            (ax_s, KINDS, lambda r, k: r['saved_by_kind'][k] / MB,
+             'saved for backward (MB)')):
+        bottom = [0.0] * len(res)
+        for part in parts:
+            heights = [values(r, part) for r in res]
+            ax.bar(labels, heights, bottom=bottom, label=part)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    width = 0.8 / len(STEP_PHASES)
+    for i, phase in enumerate(STEP_PHASES):
+        ax_p.bar([j + i * width for j in range(len(res))],
+                 [_mb(r['phase_peak_bytes'][phase]) or 0 for r in res], width,
+                 label=phase)
+    ax_p.set_xticks([j + 0.4 - width / 2 for j in range(len(res))])
+    ax_p.set_xticklabels(labels)
+    ax_p.set_ylabel('peak memory in the phase (MB)')
+    ax_p.legend(fontsize=8)
+    for ax in (ax_t, ax_s, ax_p):
+        ax.tick_params(axis='x', labelsize=8, rotation=15)
     fig.suptitle(title)
     save_figure(fig, path)
 

@@ -1,5 +1,7 @@
-"""Whole training step of a config's model: vanilla vs gradient-filtered."""
+"""Whole training step of a config's model: vanilla, gradient-filtered and
+filtered with the lean step (:class:`Variant`)."""
 import copy
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,21 +15,26 @@ from ..hooks import GradientFilterHook
 from ..layers import GradFilterConv2d
 from ..surgery import freeze_layers
 from .flops import conv_backward_flops
-from .memory import SavedTensorMeter, peak_memory_bytes
+from .memory import SavedTensorMeter, peak_phase, step_peaks
 from .timing import cuda_kernel_seconds, summarize, timed
 
 PHASES = ('forward', 'backward', 'optimizer')
 
 
-def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
-    """The config's ``GradientFilterHook``, built; an error if it has none."""
+def gradient_filter_hook_cfg(cfg: Config) -> Dict:
+    """The arguments of the config's ``GradientFilterHook``; an error if it
+    has none."""
     hooks = [h for h in cfg.get('custom_hooks', [])
              if h.get('type') in ('GradientFilterHook', GradientFilterHook)]
     if len(hooks) != 1:
         raise ValueError(f'{cfg.filename} must have exactly one '
                          f'GradientFilterHook in custom_hooks, found {len(hooks)}')
-    kwargs = {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
-    return GradientFilterHook(**kwargs)
+    return {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
+
+
+def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
+    """The config's ``GradientFilterHook``, built; an error if it has none."""
+    return GradientFilterHook(**gradient_filter_hook_cfg(cfg))
 
 
 # transforms that give every training image one size: the argument holding it
@@ -95,25 +102,67 @@ def build_model(cfg: Config, model_cfg: Optional[ConfigDict] = None
     return revert_sync_batchnorm(MODELS.build(model_cfg))
 
 
-def build_models(cfg: Config, device: torch.device, size: Tuple[int, int]
-                 ) -> Tuple[nn.Module, nn.Module, List[str]]:
-    """(vanilla, filtered, filtered conv paths), both with the config's freezing.
+@dataclass(frozen=True)
+class Variant:
+    """One model the benchmark measures: the config's model with its
+    freezing and, unless ``hook`` is None, its ``GradientFilterHook`` with
+    the arguments in ``hook`` changed."""
+    key: str  # its name in the JSON and the CSV
+    label: str  # its name in the printed tables
+    hook: Optional[Dict] = None
+    description: str = ''
 
-    The weights are random (no checkpoint is loaded): timing and memory do
-    not depend on them. A data preprocessor that pads to a fixed size pads to
+
+VANILLA = Variant('vanilla', 'vanilla', None,
+                  'the config\'s model with the config\'s freezing and no '
+                  'gradient filter (PyTorch\'s backward)')
+FILTERED = Variant('filtered', 'filtered',
+                   dict(lean_memory=False, filter_norm=False),
+                   'the same model with the config\'s GradientFilterHook '
+                   'applied (the filtered layers below), without the lean step')
+LEAN = Variant('lean', 'filtered+lean', dict(lean_memory=True),
+               'the config\'s GradientFilterHook as configured, lean by '
+               'default: 1-bit activation masks, the banded segmentation '
+               'loss, patch-statistics BatchNorms where filter_norm')
+LEAN_NORM = Variant('lean_norm', 'filtered+lean+norm',
+                    dict(lean_memory=True, filter_norm=True),
+                    'filtered+lean with patch-statistics BatchNorms after the '
+                    'filtered convs')
+VARIANTS = (VANILLA, FILTERED, LEAN)
+
+
+def build_variants(cfg: Config, device: torch.device, size: Tuple[int, int],
+                   variants: Sequence[Variant] = VARIANTS
+                   ) -> Tuple[Dict[str, nn.Module], List[str], Dict[str, Dict]]:
+    """The model of each variant, by key; the filtered conv paths; and the
+    lean settings (``lean_memory``, ``filter_norm``) each variant's hook ran
+    with, by key (none for vanilla).
+
+    All start from one build of the config's model, so they share the same
+    random weights (no checkpoint is loaded: timing and memory do not
+    depend on them). A data preprocessor that pads to a fixed size pads to
     ``size`` instead.
     """
     model_cfg = copy.deepcopy(cfg.model)
     if model_cfg.get('data_preprocessor', {}).get('size') is not None:
         model_cfg.data_preprocessor.size = size
-    vanilla = build_model(cfg, model_cfg)
-    filtered = copy.deepcopy(vanilla)
-    hook = gradient_filter_hook(cfg)
-    freeze_layers(vanilla, hook.freeze_layers, hook.norm_eval)
-    hook.apply(filtered)
-    paths = [n for n, m in filtered.named_modules()
-             if isinstance(m, GradFilterConv2d)]
-    return vanilla.to(device).train(), filtered.to(device).train(), paths
+    built = build_model(cfg, model_cfg)
+    hook_cfg = gradient_filter_hook_cfg(cfg)
+    models, paths, settings = {}, [], {}
+    for variant in variants:
+        model = copy.deepcopy(built)
+        if variant.hook is None:
+            hook = GradientFilterHook(**hook_cfg)
+            freeze_layers(model, hook.freeze_layers, hook.norm_eval)
+        else:
+            hook = GradientFilterHook(**{**hook_cfg, **variant.hook})
+            hook.apply(model)
+            settings[variant.key] = dict(lean_memory=hook.lean_memory,
+                                         filter_norm=hook.filter_norm)
+            paths = paths or [n for n, m in model.named_modules()
+                              if isinstance(m, GradFilterConv2d)]
+        models[variant.key] = model.to(device).train()
+    return models, paths, settings
 
 
 def synthetic_batch(cfg: Config, batch_size: int, size: Tuple[int, int]) -> Dict:
@@ -194,7 +243,9 @@ def time_steps(steps: Dict[str, TrainStep], device: torch.device, iters: int,
 
 def measure_step(step: TrainStep, paths: List[str], device: torch.device,
                  iters: int) -> Dict:
-    """Saved activations, backward FLOPs and peak memory of one model's step."""
+    """Saved activations (in total, by kind of module and per layer of
+    ``paths``), backward FLOPs of those layers, and the step's peak memory
+    with the peak of each phase and the phase that holds it."""
     result = {}
     layers = {p: step.model.get_submodule(p) for p in paths}
     seen = {}  # path -> (output shape, whether the input needs a gradient)
@@ -209,6 +260,7 @@ def measure_step(step: TrainStep, paths: List[str], device: torch.device,
     step.backward()
     step.optimizer()
     result['saved_bytes'] = meter.total_bytes
+    result['saved_by_kind'] = dict(meter.kind_bytes)
     result['layers'] = {
         p: dict(saved_bytes=meter.module_bytes[p],
                 backward_flops=conv_backward_flops(
@@ -216,7 +268,9 @@ def measure_step(step: TrainStep, paths: List[str], device: torch.device,
                     need_input=seen[p][1], need_weight=m.weight.requires_grad))
         for p, m in layers.items()
     }
-    result['peak_bytes'] = peak_memory_bytes(step.run, device)
+    result['peak_bytes'], result['phase_peak_bytes'] = step_peaks(
+        step.model, [(p, getattr(step, p)) for p in PHASES], device)
+    result['peak_phase'] = peak_phase(result['phase_peak_bytes'])
     if device.type == 'cuda':
         result['step_kernel_ms'] = 1e3 * cuda_kernel_seconds(step.run, iters)
     return result

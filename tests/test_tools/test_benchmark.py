@@ -1,6 +1,7 @@
 """tools/benchmark.py end to end on tiny inputs (CPU)."""
 import argparse
 import csv
+import functools
 import importlib.util
 import json
 import statistics
@@ -9,9 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 from mmengine.config import Config
 
 from mmgradfilt.benchmark.layers import load_layer_suite
+from mmgradfilt.benchmark.memory import (KINDS, STEP_PHASES, SavedTensorMeter,
+                                         peak_phase, step_peaks)
+from mmgradfilt.benchmark.report import peak_notes
 from mmgradfilt.benchmark.step import train_input_size
 from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
@@ -75,21 +81,37 @@ def check_png(path: Path):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.parametrize('text,size,layers', [
+@pytest.mark.parametrize('text,size,layers,filter_norm', [
     (SEG_CONFIG, '64', {'decode_head.bottleneck.conv',
-                        'decode_head.aspp_modules.1.conv'}),
-    (CLS_CONFIG, '32', {'backbone.layer4.1.conv1', 'backbone.layer4.1.conv2'}),
+                        'decode_head.aspp_modules.1.conv'}, False),
+    (CLS_CONFIG, '32', {'backbone.layer4.1.conv1', 'backbone.layer4.1.conv2'},
+     True),
 ])
-def test_config_mode(tmp_path, text, size, layers):
+def test_config_mode(tmp_path, text, size, layers, filter_norm):
     config = tmp_path / 'cfg.py'
     config.write_text(text)
     out = tmp_path / 'out'
     stdout = run_tool(str(config), '--input-size', size, size,
                       '--batch-size', '2', '--iters', '2', '--warmup', '1',
-                      '--out', str(out)).stdout
-    assert 'vanilla/filtered' in stdout and 'forward ms' in stdout
-    assert f'{size}x{size} (--input-size), batch 2 (--batch-size)' in stdout
+                      '--out', str(out),
+                      *(['--filter-norm'] if filter_norm else [])).stdout
     result = json.loads((out / 'benchmark.json').read_text())
+    settings = [v['settings'] for v in result['variants']]
+    assert settings[:2] == [None, dict(lean_memory=False, filter_norm=False)]
+    assert settings[2]['lean_memory'] is True
+    # --filter-norm adds the hook with filter_norm=True where the config's
+    # lean step does not have it already
+    extra = filter_norm and not settings[2]['filter_norm']
+    keys = ['vanilla', 'filtered', 'lean', *(['lean_norm'] * extra)]
+    labels = ['vanilla', 'filtered', 'filtered+lean',
+              *(['filtered+lean+norm'] * extra)]
+    assert [v['key'] for v in result['variants']] == keys
+    assert [v['label'] for v in result['variants']] == labels
+    if extra:
+        assert settings[3] == dict(lean_memory=True, filter_norm=True)
+    assert 'forward ms' in stdout and 'step vs filtered' in stdout
+    assert 'Where the memory goes' in stdout and 'peak loss MB' in stdout
+    assert f'{size}x{size} (--input-size), batch 2 (--batch-size)' in stdout
     assert set(result['filtered_layers']) == layers
     van, fil = result['vanilla'], result['filtered']
     for path in layers:
@@ -98,24 +120,69 @@ def test_config_mode(tmp_path, text, size, layers):
             van['layers'][path]['saved_bytes']
         assert fil['layers'][path]['backward_flops'] < \
             van['layers'][path]['backward_flops']
-    for key in ('forward', 'backward', 'optimizer', 'step'):
-        assert fil[key]['n'] == 2 and fil[key]['median'] > 0
-        # time ratios come from the steps taken in turn
-        assert result['ratios'][key] == pytest.approx(statistics.median(
-            v / f for v, f in zip(van[key]['samples'], fil[key]['samples'])))
-    assert van['peak_bytes'] > 0 and fil['peak_bytes'] > 0
+    for key in keys:
+        res = result[key]
+        assert sum(res['saved_by_kind'].values()) == res['saved_bytes']
+        assert res['peak_bytes'] == max(
+            p for p in res['phase_peak_bytes'].values() if p is not None)
+        assert res['peak_phase'] in STEP_PHASES
+        # a line under the tables says where each model's peak is
+        label = labels[keys.index(key)]
+        assert f"{label}: peak {res['peak_bytes'] / 2**20:.1f} MB in the " \
+            f"{res['peak_phase']}" in stdout
+    # the lean step keeps less: 1-bit ReLU masks (and the banded loss)
+    lean = result['lean']
+    assert lean['saved_by_kind']['activation'] < \
+        fil['saved_by_kind']['activation'] / 8
+    assert lean['saved_bytes'] < fil['saved_bytes']
+    for key in keys[1:]:
+        ratios = result['ratios'][key]
+        for time in ('forward', 'backward', 'optimizer', 'step'):
+            assert result[key][time]['n'] == 2
+            assert result[key][time]['median'] > 0
+            # time ratios come from the steps taken in turn
+            assert ratios[time] == pytest.approx(statistics.median(
+                v / f for v, f in zip(van[time]['samples'],
+                                      result[key][time]['samples'])))
+        assert ratios['saved'] == pytest.approx(
+            van['saved_bytes'] / result[key]['saved_bytes'])
+    assert result['ratios']['lean']['step_vs_filtered'] == pytest.approx(
+        statistics.median(a / b for a, b in zip(lean['step']['samples'],
+                                                fil['step']['samples'])))
     rows = {row['layer']: row for row in read_csv(out / 'benchmark.csv')}
     assert list(rows) == ['whole model', *result['filtered_layers'],
                           'filtered layers (sum)']
     whole, total = rows['whole model'], rows['filtered layers (sum)']
-    assert whole['step_speedup_x'] == pytest.approx(result['ratios']['step'])
+    assert whole['step_speedup_x'] == pytest.approx(
+        result['ratios']['filtered']['step'])
+    assert whole['step_lean_speedup_x'] == pytest.approx(
+        result['ratios']['lean']['step'])
+    assert whole['step_lean_vs_filtered_x'] == pytest.approx(
+        result['ratios']['lean']['step_vs_filtered'])
     assert whole['backward_vanilla_ms'] == pytest.approx(
         van['backward']['median'])
     assert whole['peak_filtered_MB'] == pytest.approx(
         fil['peak_bytes'] / 2**20)
+    for key in keys:
+        res = result[key]
+        assert whole[f'peak_{key}_MB'] == pytest.approx(
+            res['peak_bytes'] / 2**20)
+        assert whole[f'peak_phase_{key}'] == res['peak_phase']
+        assert whole[f'peak_trained_forward_{key}_MB'] == pytest.approx(
+            res['phase_peak_bytes']['trained forward'] / 2**20)
+        assert sum(whole[f'saved_{kind}_{key}_MB'] for kind in KINDS) == \
+            pytest.approx(res['saved_bytes'] / 2**20)
+    for key in keys[2:]:
+        assert whole[f'saved_{key}_MB'] == pytest.approx(
+            result[key]['saved_bytes'] / 2**20)
+        assert whole[f'saved_{key}_ratio_x'] == pytest.approx(
+            result['ratios'][key]['saved'])
+    assert whole['saved_filtered_MB'] == pytest.approx(
+        fil['saved_bytes'] / 2**20)
     assert total['backward_flops_ratio_x'] > 1
     for path in layers:  # measured per step, not per layer
         assert rows[path]['step_vanilla_ms'] is None
+        assert rows[path]['saved_lean_MB'] is None
         assert rows[path]['saved_filtered_MB'] == pytest.approx(
             fil['layers'][path]['saved_bytes'] / 2**20)
     check_png(out / 'benchmark.png')
@@ -272,9 +339,10 @@ def test_demo_config_at_its_own_size(tmp_path):
             '(config: train_dataloader.batch_size)') in proc.stdout
     # a legend under the tables says what the columns are
     legend = proc.stdout.split('filtered layers (sum)')[1]
-    assert 'vanilla:  the config\'s model with the config\'s freezing and no ' \
-        'gradient filter (PyTorch\'s backward)' in legend
-    assert 'above 1 the filter is faster' in legend
+    assert 'the config\'s model with the config\'s freezing and no gradient ' \
+        'filter (PyTorch\'s backward)' in legend
+    assert 'filtered+lean: ' in legend and 'lean_memory=True' in legend
+    assert 'above 1 the model is faster' in legend
     # only what the tool has to say
     for noise in NOISE:
         assert noise not in proc.stdout + proc.stderr, noise
@@ -329,3 +397,135 @@ def test_help_shows_the_defaults():
     assert "default: the config's training size" in text
     assert "default: the config's train_dataloader.batch_size" in text
     assert '(default: 10)' in text and '(default: 3)' in text
+
+
+class _Head(nn.Module):
+    """A trained linear head with a loss method, as MMPretrain's heads."""
+
+    def __init__(self, loss_temp: int = 0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.nll = nn.NLLLoss()
+        self.loss_temp = loss_temp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+    def _get_loss(self, scores: torch.Tensor,
+                  target: torch.Tensor) -> torch.Tensor:
+        logp = scores.log_softmax(1)
+        if self.loss_temp:  # a big temporary, freed before the loss returns
+            logp = logp + torch.zeros(self.loss_temp).sum()
+        return self.nll(logp, target)
+
+
+class _Toy(nn.Module):
+    """A frozen conv block (optionally with a big temporary in its
+    forward), a trained conv-BN-ReLU and a functional op, then the head."""
+
+    def __init__(self, frozen_temp: int = 0, loss_temp: int = 0) -> None:
+        super().__init__()
+        self.frozen = nn.Conv2d(2, 2, 3, padding=1)
+        self.frozen.requires_grad_(False)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.relu = nn.ReLU()
+        self.head = _Head(loss_temp)
+        self.frozen_temp = frozen_temp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+            if self.frozen_temp:
+                x = x + torch.zeros(self.frozen_temp).sum()
+        x = self.relu(self.bn(self.conv(x)))
+        x = torch.exp(x)[:, :, :2, :2]  # a functional op: "other"
+        return self.head(x)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.head._get_loss(self(x), target)
+
+
+def test_saved_bytes_by_kind_add_up():
+    model = _Toy()
+    x, target = torch.randn(2, 2, 4, 4), torch.tensor([0, 2])
+    parts = dict(conv=model.conv, bn=model.bn, relu=model.relu)
+    with SavedTensorMeter(model, parts) as meter:
+        model.loss(x, target)
+    kinds = meter.kind_bytes
+    assert set(kinds) == set(KINDS)
+    assert sum(kinds.values()) == meter.total_bytes
+    # nothing shared between these modules: each kind is its module's bytes
+    assert kinds['conv'] == meter.module_bytes['conv'] == x.numel() * 4
+    assert kinds['norm'] == meter.module_bytes['bn'] > 0
+    assert kinds['activation'] == meter.module_bytes['relu'] == 2 * 2 * 16 * 4
+    # exp's output, and the fc's input (flattening the slice copies it):
+    # modules of no kind of their own, outside the loss
+    assert kinds['other'] == 2 * 2 * 16 * 4 + 2 * 8 * 4
+    # log_softmax's output, and the NLLLoss module's target inside the loss
+    assert kinds['loss'] >= 2 * 3 * 4 + target.numel() * 8
+    assert meter.total_bytes == sum(kinds.values())
+
+
+def test_loss_methods_are_given_back():
+    model = _Toy()
+    lean = functools.partial(_Head._get_loss, model.head)
+    other = _Toy()
+    other.head._get_loss = lean  # an instance attribute, as the lean loss
+    for m in (model, other):
+        before = vars(m.head).get('_get_loss')
+        with SavedTensorMeter(m):
+            assert vars(m.head)['_get_loss'] is not before
+        assert vars(m.head).get('_get_loss') is before
+    # no global module hook is left behind
+    from torch.nn.modules import module
+    assert not module._global_forward_pre_hooks
+    assert not module._global_forward_hooks
+
+
+def _toy_peaks(**temps):
+    model = _Toy(**temps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(2, 2, 4, 4), torch.tensor([0, 2])
+    held = {}
+    phases = [('forward', lambda: held.update(loss=model.loss(x, target))),
+              ('backward', lambda: held.pop('loss').backward()),
+              ('optimizer', optimizer.step)]
+    return step_peaks(model, phases, torch.device('cpu'))
+
+
+@pytest.mark.parametrize('temps,phase', [
+    (dict(), None),
+    (dict(frozen_temp=4 * 2**20), 'frozen forward'),
+    (dict(loss_temp=4 * 2**20), 'loss'),
+])
+def test_peak_phase(temps, phase):
+    peak, peaks = _toy_peaks(**temps)
+    assert set(peaks) == set(STEP_PHASES)
+    assert peak == max(peaks.values())
+    if phase is None:  # small temporaries: no 16 MB anywhere
+        assert peak < 2**20
+        return
+    assert peak_phase(peaks) == phase
+    assert 16 * 2**20 <= peak < 17 * 2**20
+    for other in STEP_PHASES:
+        if other != phase:
+            assert peaks[other] < 2**20
+
+
+def _fake_result(phase):
+    kinds = dict.fromkeys(KINDS, 0)
+    kinds['norm'] = 3 * 2**20
+    res = dict(saved_bytes=3 * 2**20, saved_by_kind=kinds,
+               peak_bytes=10 * 2**20, peak_phase=phase)
+    return dict(variants=[dict(key='vanilla', label='vanilla')], vanilla=res)
+
+
+def test_frozen_forward_peak_names_gradient_accumulation():
+    line, hint = peak_notes(_fake_result('frozen forward'))
+    assert line == ('vanilla: peak 10.0 MB in the frozen forward; most saved '
+                    'by norm modules (3.0 of 3.0 MB)')
+    assert hint.startswith('The peak of vanilla is in the frozen layers')
+    assert 'accumulative_counts' in hint
+    (line, ) = peak_notes(_fake_result('loss'))
+    assert 'in the loss' in line and 'accumulative_counts' not in line

@@ -1,6 +1,7 @@
 """tools/train.py, tools/test.py and ``mim train mmseg`` on the demo configs,
 and the errors for a missing dataset or checkpoint."""
 import glob
+import importlib.util
 import os.path as osp
 import runpy
 import shutil
@@ -116,3 +117,18 @@ def test_missing_pretrained_backbone(data_root, tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         runner.train()
     assert f'"{missing}" (set by init_cfg of backbone)' in str(err.value)
+
+
+def test_demo_step_memory(data_root):
+    # the demo table's memory columns: filt5L with and without the lean step
+    spec = importlib.util.spec_from_file_location(
+        'seg_demo', osp.join(ROOT, 'tools', 'seg_demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    plain = demo.step_memory(FILT, data_root, lean=False)
+    lean = demo.step_memory(FILT, data_root, lean=True)
+    for saved, by_convs, peak in (plain, lean):
+        assert 0 < by_convs < saved < peak
+    # 1-bit masks and the banded loss
+    assert lean[0] < plain[0] / 2
+    assert lean[2] < plain[2]
