@@ -1,5 +1,7 @@
 import copy
+import os
 import os.path as osp
+import socket
 
 import pytest
 import torch
@@ -156,6 +158,11 @@ class TestGradientFilterHook(RunnerTestCase):
 
     def test_distributed_needs_no_find_unused_parameters(self):
         self.setup_dist_env()
+        # a free port: RunnerTestCase counts up from a fixed one, which another
+        # test process on this machine may hold
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            os.environ['MASTER_PORT'] = str(sock.getsockname()[1])
         # MMEngine's own init_dist needs CUDA; on CPU start gloo first
         torch.distributed.init_process_group('gloo')
         cfg = copy.deepcopy(self.iter_based_cfg)
