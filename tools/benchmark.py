@@ -69,7 +69,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--filter-norm', action='store_true',
                         help='config mode: also measure filtered+lean+norm, '
                         'the hook with filter_norm=True (patch-statistics '
-                        'BatchNorms), unless filtered+lean has it already')
+                        'BatchNorms), unless filtered+lean has it already '
+                        '(to see the exact lean step then, give the hook '
+                        'filter_norm=False with --cfg-options)')
     parser.add_argument('--iters', type=int, default=10, metavar='N',
                         help='timed repeats (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3, metavar='N',

@@ -81,20 +81,21 @@ def check_png(path: Path):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.parametrize('text,size,layers,filter_norm', [
+@pytest.mark.parametrize('text,size,layers,options', [
     (SEG_CONFIG, '64', {'decode_head.bottleneck.conv',
-                        'decode_head.aspp_modules.1.conv'}, False),
+                        'decode_head.aspp_modules.1.conv'}, []),
+    # the exact lean step, and the one with filtered norms on top
     (CLS_CONFIG, '32', {'backbone.layer4.1.conv1', 'backbone.layer4.1.conv2'},
-     True),
+     ['--filter-norm', '--cfg-options', 'custom_hooks.0.filter_norm=False']),
 ])
-def test_config_mode(tmp_path, text, size, layers, filter_norm):
+def test_config_mode(tmp_path, text, size, layers, options):
     config = tmp_path / 'cfg.py'
     config.write_text(text)
     out = tmp_path / 'out'
     stdout = run_tool(str(config), '--input-size', size, size,
                       '--batch-size', '2', '--iters', '2', '--warmup', '1',
-                      '--out', str(out),
-                      *(['--filter-norm'] if filter_norm else [])).stdout
+                      '--out', str(out), *options).stdout
+    filter_norm = '--filter-norm' in options
     result = json.loads((out / 'benchmark.json').read_text())
     settings = [v['settings'] for v in result['variants']]
     assert settings[:2] == [None, dict(lean_memory=False, filter_norm=False)]
@@ -102,6 +103,7 @@ def test_config_mode(tmp_path, text, size, layers, filter_norm):
     # --filter-norm adds the hook with filter_norm=True where the config's
     # lean step does not have it already
     extra = filter_norm and not settings[2]['filter_norm']
+    assert extra == bool(options)
     keys = ['vanilla', 'filtered', 'lean', *(['lean_norm'] * extra)]
     labels = ['vanilla', 'filtered', 'filtered+lean',
               *(['filtered+lean+norm'] * extra)]
