@@ -84,6 +84,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--radius', type=int, nargs='+', default=[2, 4, 8],
                         metavar='R', help='candidate radii (default: '
                         '%(default)s)')
+    parser.add_argument('--max-layers', type=int, metavar='K',
+                        help='consider the last K conv layers only (default: '
+                        'all)')
     parser.add_argument('--checkpoint', help='weights of the fidelity '
                         'measure; default: the config\'s load_from, else its '
                         'own initialisation')
@@ -109,7 +112,7 @@ def parse_args() -> argparse.Namespace:
         if radius < 1:
             parser.error(f'--radius values must be >= 1, got {radius}')
     check_analysis_args(parser, args)
-    for name in ('batch_size', 'batches'):
+    for name in ('batch_size', 'batches', 'max_layers'):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got '
@@ -224,12 +227,12 @@ def prefix_json(prefix: PrefixCosts) -> Dict:
     return dict(
         trained_convs=prefix.trained, saved_bytes=prefix.saved_bytes,
         peak_bytes=prefix.peak_bytes, backward_flops=prefix.backward_flops,
-        filtered_bytes={p: {pair_label(r): b for r, b in v.items()}
-                        for p, v in prefix.filtered_bytes.items()},
+        fixed_bytes=prefix.fixed_bytes,
+        storages=[dict(bytes=b, radius=r and pair_label(r),
+                       convs=sorted(c)) for b, r, c in prefix.storages],
         layer_flops={p: {pair_label(r) if r else 'vanilla': f
                          for r, f in v.items()}
                      for p, v in prefix.layer_flops.items()},
-        shared=[dict(bytes=b, convs=sorted(c)) for b, c in prefix.shared],
         all_filtered=dict(saved_bytes=prefix.filtered_saved_bytes,
                           peak_bytes=prefix.filtered_peak_bytes))
 
@@ -405,6 +408,7 @@ def main() -> None:
     data = cost_model.data_preprocessor(batch, True)
     layers, classifier, skipped = trace_layers(
         cost_model, lambda: cost_model(**data, mode='loss'))
+    layers = layers[:args.max_layers]
     fit_radii(layers, args.radius)
 
     def hook_for(plan_layers, filter_install=()):

@@ -1,6 +1,6 @@
-"""What the planner's plans cost, measured on the machine at hand: one
-training step per prefix of candidate layers (all vanilla), and each
-candidate conv filtered at each radius on its own."""
+"""What the planner's plans cost, measured on the machine at hand: per
+prefix of candidate layers, a training step all vanilla, a forward with all
+of them filtered at each radius and a step with all at their largest."""
 import copy
 from typing import Dict, List, Sequence, Set, Tuple
 
@@ -10,12 +10,10 @@ from mmengine.config import ConfigDict
 from torch import Tensor
 
 from ..benchmark.flops import conv_backward_flops
-from ..benchmark.memory import (SavedTensorMeter, _storage_key,
-                                peak_memory_bytes)
-from ..benchmark.step import TrainStep, measure_step
+from ..benchmark.memory import _storage_key, peak_memory_bytes
+from ..benchmark.step import TrainStep
 from ..hooks import GradientFilterHook
-from ..layers import GradFilterConv2d
-from .plan import IntPair, Layer, PrefixCosts
+from .plan import Layer, PrefixCosts
 
 
 class StorageMeter:
@@ -77,16 +75,39 @@ def _leaves(model: nn.Module) -> Dict[str, nn.Module]:
             if not list(m.children())}
 
 
-def filtered_saved_bytes(conv: nn.Conv2d, in_shape: Sequence[int],
-                         radius: IntPair, input_grad: bool) -> int:
-    """Bytes ``conv`` filtered at ``radius`` saves for backward on an input
-    of ``in_shape`` (needing a gradient or not); its weight must train."""
-    layer = GradFilterConv2d.from_conv(conv, radius)
-    x = torch.zeros(in_shape, device=conv.weight.device,
-                    dtype=conv.weight.dtype, requires_grad=input_grad)
-    with torch.enable_grad(), SavedTensorMeter(layer) as meter:
-        layer(x)
-    return meter.total_bytes
+def _measure(model: nn.Module, hook: GradientFilterHook,
+             optim_cfg: ConfigDict, batch: Dict, device: torch.device,
+             whole_step: bool
+             ) -> Tuple[nn.Module, StorageMeter, Dict[str, tuple], int]:
+    """A copy of ``model`` with ``hook`` applied (as training would), every
+    storage its forward saves, per conv ``(output shape, input needs a
+    gradient, output needs one)`` and, with ``whole_step``, the peak of
+    that forward with its backward and optimizer step (else 0)."""
+    model = copy.deepcopy(model)
+    hook.apply(model)
+    step = TrainStep(model.to(device).train(), optim_cfg, batch)
+    convs: Dict[str, tuple] = {}
+
+    def record(name: str, args: tuple, out: Tensor) -> None:
+        convs.setdefault(name, (tuple(out.shape), args[0].requires_grad,
+                                out.requires_grad))
+
+    handles = [m.register_forward_hook(
+        lambda m, args, out, n=n: record(n, args, out))
+        for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    meter = StorageMeter(model, _leaves(model))
+
+    def run() -> None:
+        with meter:
+            step.forward()
+        if whole_step:
+            step.backward()
+            step.optimizer()
+
+    peak = peak_memory_bytes(run, device) if whole_step else (run() or 0)
+    for handle in handles:
+        handle.remove()
+    return model, meter, convs, peak
 
 
 def measure_prefix(model: nn.Module, hook: GradientFilterHook,
@@ -95,70 +116,63 @@ def measure_prefix(model: nn.Module, hook: GradientFilterHook,
                    device: torch.device) -> PrefixCosts:
     """Costs of training the first ``trained`` of ``layers``.
 
-    ``model`` (its weights are irrelevant) is copied and ``hook`` (the plan's
-    freezing, the config's lean settings) applied to the copy, as training
-    would. All vanilla, saved bytes are counted in one forward, by storage
-    and by the module that saved each, and the peak of a whole step is
-    measured after a first step (optimizer state exists, as in training).
-    The same step with every trained conv filtered at its largest radius is
-    measured too (saved bytes and peak).
+    ``model`` (its weights are irrelevant) is copied and ``hook`` (the
+    plan's freezing, the config's lean settings) applied to each copy, as
+    training would: once all vanilla, then once with all of them filtered at
+    each radius that some of them take. Each forward counts what every
+    storage costs and which modules saved it; the peaks of the vanilla step
+    and of the step with every one filtered at its largest radius are
+    measured (first steps: the optimizer's state, small next to the
+    activations, is made in them).
     """
-    filtered = [dict(path=layer.path, radius=layer.radii[-1])
-                for layer in layers[:trained] if layer.radii]
-    filtered_hook = copy.copy(hook)
-    filtered_hook.filter_install = filtered
-    base, model = model, copy.deepcopy(model)
-    hook.apply(model)
-    model.to(device).train()
-    step = TrainStep(model, optim_cfg, batch)
-    convs = {n: m for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d)}
-    # conv -> (output shape, whether its input and output need gradients)
-    grads: Dict[str, Tuple[tuple, bool, bool]] = {}
-
-    def record(name: str, args: tuple, out: Tensor) -> None:
-        grads.setdefault(name, (tuple(out.shape), args[0].requires_grad,
-                                out.requires_grad))
-
-    handles = [m.register_forward_hook(
-        lambda m, args, out, n=n: record(n, args, out))
-        for n, m in convs.items()]
-    with StorageMeter(model, _leaves(model)) as meter:
-        step.forward()
-    for handle in handles:
-        handle.remove()
-    step.backward()
-    step.optimizer()
-
-    paths = [layer.path for layer in layers[:trained]]
-    flops = {}
-    for name, (shape, input_grad, output_grad) in grads.items():
-        if output_grad:  # the gradient reaches it: its backward runs
-            flops[name] = conv_backward_flops(
-                convs[name], shape, None, need_input=input_grad,
-                need_weight=convs[name].weight.requires_grad)
-    costs = PrefixCosts(trained, meter.total_bytes,
-                        peak_memory_bytes(step.run, device),
-                        sum(flops.values()))
-    if filtered:
-        model = copy.deepcopy(base)
-        filtered_hook.apply(model)
-        result = measure_step(TrainStep(model.to(device).train(), optim_cfg,
-                                        batch), [], device, iters=1)
-        costs.filtered_saved_bytes = result['saved_bytes']
-        costs.filtered_peak_bytes = result['peak_bytes']
+    units = {}  # module -> the trained conv it belongs to
     for layer in layers[:trained]:
-        shape, input_grad, _ = grads[layer.path]
-        conv = convs[layer.path]
+        units.update({path: layer.path for path in layer.params})
+    vanilla, meter, convs, peak = _measure(model, hook, optim_cfg, batch,
+                                           device, True)
+    flops = {}
+    for name, (shape, input_grad, output_grad) in convs.items():
+        if output_grad:  # the gradient reaches it: its backward runs
+            conv = vanilla.get_submodule(name)
+            flops[name] = conv_backward_flops(
+                conv, shape, None, need_input=input_grad,
+                need_weight=conv.weight.requires_grad)
+    costs = PrefixCosts(trained, meter.total_bytes, peak,
+                        sum(flops.values()))
+    for nbytes, savers in meter.savers.values():
+        if savers <= set(units):
+            costs.storages.append(
+                (nbytes, None, frozenset(units[s] for s in savers)))
+        else:  # something outside the trained layers keeps it
+            costs.fixed_bytes += nbytes
+    for layer in layers[:trained]:
+        shape, input_grad, _ = convs[layer.path]
+        conv = vanilla.get_submodule(layer.path)
         costs.layer_flops[layer.path] = {None: flops[layer.path], **{
             r: conv_backward_flops(conv, shape, r, need_input=input_grad)
             for r in layer.radii}}
-        costs.filtered_bytes[layer.path] = {
-            r: filtered_saved_bytes(conv, layer.in_shape, r, input_grad)
-            for r in layer.radii}
-    trained_convs = set(paths)
-    for nbytes, savers in meter.savers.values():
-        if savers and savers <= trained_convs:
-            costs.shared.append((nbytes, frozenset(savers)))
-    return costs
 
+    radii = sorted({r for layer in layers[:trained] for r in layer.radii})
+    for radius in radii:
+        filtered = {layer.path for layer in layers[:trained]
+                    if radius in layer.radii}
+        filtered_hook = copy.copy(hook)
+        filtered_hook.filter_install = [dict(path=p, radius=radius)
+                                        for p in sorted(filtered)]
+        _, meter, _, _ = _measure(model, filtered_hook, optim_cfg, batch,
+                                  device, False)
+        for nbytes, savers in meter.savers.values():
+            # a storage of filtered layers alone; any other is counted
+            # from the vanilla forward already
+            if savers <= set(units) and {units[s] for s in savers} <= filtered:
+                costs.storages.append(
+                    (nbytes, radius, frozenset(units[s] for s in savers)))
+    largest = [dict(path=layer.path, radius=layer.radii[-1])
+               for layer in layers[:trained] if layer.radii]
+    if largest:
+        filtered_hook = copy.copy(hook)
+        filtered_hook.filter_install = largest
+        _, meter, _, costs.filtered_peak_bytes = _measure(
+            model, filtered_hook, optim_cfg, batch, device, True)
+        costs.filtered_saved_bytes = meter.total_bytes
+    return costs

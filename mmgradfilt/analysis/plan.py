@@ -153,18 +153,25 @@ def freeze_rules(model: nn.Module, layers: Sequence[Layer],
 class PrefixCosts:
     """What training the last ``trained`` conv layers costs, measured.
 
+    Saved bytes are counted by storage, once each, in one forward with all
+    of them vanilla and one with all of them filtered at each radius (those
+    that can take it). A storage that only trained layers (a conv and its
+    norm) save is theirs; any other is the step's fixed part.
+
     Args:
         trained (int): How many candidate layers train (0: the classifier
             alone).
         saved_bytes, peak_bytes, backward_flops (int): The step's figures
             with all of them vanilla.
-        filtered_bytes (dict): ``{conv: {radius: bytes}}``: what each trained
-            conv saves for backward when filtered at that radius.
+        fixed_bytes (int): Saved bytes that no trained layer's choice
+            changes.
+        storages (list): ``(bytes, radius or None, convs)``: a storage that
+            the layers of ``convs`` save when vanilla (None) or filtered at
+            that radius; a plan keeps it where any of them has that choice
+            (the ASPP branches' common input while one of them is vanilla;
+            the pooled input that filtered convs of one radius share).
         layer_flops (dict): ``{conv: {radius or None: FLOPs}}``: its
             backward FLOPs, vanilla (None) and filtered.
-        shared (list): ``(bytes, convs)`` of each tensor saved by trained
-            convs alone (their inputs): freed when every conv that saves
-            it is filtered.
         filtered_saved_bytes, filtered_peak_bytes (int, optional): The
             whole step measured with every trained conv filtered at its
             largest radius; None where none can be.
@@ -173,9 +180,10 @@ class PrefixCosts:
     saved_bytes: int
     peak_bytes: int
     backward_flops: int
-    filtered_bytes: Dict[str, Dict[IntPair, int]] = field(default_factory=dict)
+    fixed_bytes: int = 0
+    storages: List[Tuple[int, Radius, FrozenSet[str]]] = field(
+        default_factory=list)
     layer_flops: Dict[str, Dict[Radius, int]] = field(default_factory=dict)
-    shared: List[Tuple[int, FrozenSet[str]]] = field(default_factory=list)
     filtered_saved_bytes: Optional[int] = None
     filtered_peak_bytes: Optional[int] = None
 
@@ -234,8 +242,9 @@ def _plain(radius: IntPair):
 
 
 def _groups(prefix: PrefixCosts, paths: Sequence[str]) -> List[List[str]]:
-    """Trained convs joined where a saved tensor is theirs together (the
-    ASPP branches' common input): only filtering all of them frees it."""
+    """Trained convs joined where a storage is theirs together (the ASPP
+    branches' common input, a pooled input they share): their choices
+    decide its cost together."""
     parent = {p: p for p in paths}
 
     def root(p: str) -> str:
@@ -243,7 +252,7 @@ def _groups(prefix: PrefixCosts, paths: Sequence[str]) -> List[List[str]]:
             p = parent[p]
         return p
 
-    for _, convs in prefix.shared:
+    for _, _, convs in prefix.storages:
         first, *rest = sorted(convs)
         for other in rest:
             parent[root(other)] = root(first)
@@ -251,6 +260,13 @@ def _groups(prefix: PrefixCosts, paths: Sequence[str]) -> List[List[str]]:
     for p in paths:
         groups.setdefault(root(p), []).append(p)
     return list(groups.values())
+
+
+def _kept_bytes(storages: Sequence[Tuple[int, Radius, FrozenSet[str]]],
+                choice: Dict[str, Radius]) -> int:
+    """Bytes of the storages that ``choice`` (radius by conv) keeps."""
+    return sum(nbytes for nbytes, radius, convs in storages
+               if any(choice[c] == radius for c in convs))
 
 
 # a partial plan: (saved delta, FLOPs delta, sum of cosines, radii chosen)
@@ -271,23 +287,28 @@ def _group_options(prefix: PrefixCosts, group: List[str],
                   for r in common]
     else:
         combos = itertools.product(*choices)
+    members = set(group)
+    storages = [s for s in prefix.storages if s[2] <= members]
+    vanilla = _kept_bytes(storages, dict.fromkeys(group))
     states = []
     for combo in combos:
-        filtered = {p for p, (r, _) in zip(group, combo) if r}
-        saved = sum(prefix.filtered_bytes[p][r] for p, (r, _) in
-                    zip(group, combo) if r)
-        saved -= sum(nbytes for nbytes, convs in prefix.shared
-                     if convs <= filtered)
+        choice = {p: r for p, (r, _) in zip(group, combo)}
         flops = sum(prefix.layer_flops[p][r] - prefix.layer_flops[p][None]
-                    for p, (r, _) in zip(group, combo) if r)
-        states.append((saved, flops, sum(c for _, c in combo),
-                       tuple((p, r) for p, (r, _) in zip(group, combo))))
+                    for p, r in choice.items() if r)
+        states.append((_kept_bytes(storages, choice) - vanilla, flops,
+                       sum(c for _, c in combo), tuple(choice.items())))
     return states
 
 
-def _pareto(states: List[_State]) -> List[_State]:
-    """The states no other one beats on saved bytes, FLOPs and cosine."""
+def _pareto(states: List[_State], use_flops: bool) -> List[_State]:
+    """The states no other one beats on saved bytes, cosine and, where
+    ``use_flops``, FLOPs."""
     kept: List[_State] = []
+    if not use_flops:
+        for state in sorted(states, key=lambda s: (s[0], -s[2], s[1])):
+            if not kept or state[2] > kept[-1][2]:
+                kept.append(state)
+        return kept
     for state in sorted(states, key=lambda s: (s[0], s[1], -s[2])):
         if not any(k[1] <= state[1] and k[2] >= state[2] for k in kept):
             kept.append(state)
@@ -296,9 +317,10 @@ def _pareto(states: List[_State]) -> List[_State]:
 
 def prefix_plans(prefix: PrefixCosts, layers: Sequence[Layer],
                  cosines: Dict[str, Dict[IntPair, float]],
-                 min_cosine: float) -> List[Plan]:
+                 min_cosine: float, use_flops: bool = True) -> List[Plan]:
     """The plans that train ``prefix.trained`` layers and that no other such
-    plan beats on saved bytes, FLOPs and mean cosine.
+    plan beats on saved bytes, mean cosine and, where ``use_flops`` (a FLOPs
+    budget), backward FLOPs.
 
     ``cosines[conv][radius]`` is the layer's weight-gradient cosine; a radius
     whose cosine is below ``min_cosine`` (or unknown) is no option. The
@@ -313,7 +335,8 @@ def prefix_plans(prefix: PrefixCosts, layers: Sequence[Layer],
     for group in _groups(prefix, [layer.path for layer in trained]):
         states = _pareto([
             (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
-            for a in states for b in _group_options(prefix, group, options)])
+            for a in states for b in _group_options(prefix, group, options)],
+            use_flops)
     plans = []
     for saved, flops, cos_sum, radii in states:
         saved_bytes = prefix.saved_bytes + saved
@@ -348,22 +371,32 @@ def choose_plan(prefixes: Sequence[PrefixCosts], layers: Sequence[Layer],
     trained layers, its best plan within ``budget``, else its smallest."""
     front, candidates = [], []
     for prefix in prefixes:
-        plans = prefix_plans(prefix, layers, cosines, min_cosine)
+        plans = prefix_plans(prefix, layers, cosines, min_cosine,
+                             budget.backward_flops is not None)
         candidates += plans
         front.append(best_plan(plans, budget) or smallest_plan(plans))
     return best_plan(candidates, budget), front
 
 
 def min_figures(prefix: PrefixCosts, layers: Sequence[Layer]) -> Plan:
-    """The least saved bytes and FLOPs of a prefix, every radius allowed
-    (cosines not yet known): what decides whether longer prefixes could
-    still fit."""
-    cosines = {layer.path: {r: 1.0 for r in layer.radii} for layer in layers}
-    plans = prefix_plans(prefix, layers, cosines, -1.0)
-    best = smallest_plan(plans)
-    best.backward_flops = min(p.backward_flops for p in plans)
-    best.peak_bytes = min(p.peak_bytes for p in plans)
-    return best
+    """The least saved bytes (its plan, with its predicted peak) and the
+    least FLOPs of a prefix, every radius allowed (cosines not yet known):
+    what decides whether longer prefixes could still fit. Its mean cosine
+    is NaN: no measure of any plan."""
+    trained = list(layers[:prefix.trained])
+    options = {layer.path: [(r, 1.0) for r in [None, *layer.radii]]
+               for layer in trained}
+    radii: Dict[str, Radius] = {}
+    saved = flops = 0
+    for group in _groups(prefix, [layer.path for layer in trained]):
+        states = _group_options(prefix, group, options)
+        least = min(states, key=lambda s: (s[0], s[1]))
+        radii.update(least[3])
+        saved += least[0]
+        flops += min(s[1] for s in states)
+    return Plan(trained, radii, prefix.saved_bytes + saved,
+                prefix.peak_at(saved), prefix.backward_flops + flops,
+                float('nan'))
 
 
 def plan_config(base: str, hook: dict, base_hooks: bool,

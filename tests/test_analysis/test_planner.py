@@ -153,34 +153,30 @@ def hand_costs():
     made-up round numbers."""
     a, b, c = (Layer(p, None, (1, ), (1, 1, 8, 8), radii) for p, radii in
                (('A', [(2, 2)]), ('B', [(2, 2), (4, 4)]), ('C', [(2, 2)])))
-    fa = dict(filtered_bytes={'A': {(2, 2): 2}},
-              layer_flops={'A': {None: 100, (2, 2): 10}})
-    fb = dict(filtered_bytes={'B': {(2, 2): 4, (4, 4): 1}},
-              layer_flops={'B': {None: 200, (2, 2): 40, (4, 4): 20}})
-    fc = dict(filtered_bytes={'C': {(2, 2): 3}},
-              layer_flops={'C': {None: 200, (2, 2): 30}})
-
-    def merged(*parts):
-        return {key: {k: v for p in parts for k, v in p[key].items()}
-                for key in ('filtered_bytes', 'layer_flops')}
-
+    r2, r4 = (2, 2), (4, 4)
+    # (bytes, choice that keeps it, layers): A keeps 15 vanilla, 2 at r2;
+    # B 20 vanilla, 4 at r2, 1 at r4; C 3 at r2, and vanilla the 20 it
+    # reads with B
+    sa = [(15, None, {'A'}), (2, r2, {'A'})]
+    sb = [(4, r2, {'B'}), (1, r4, {'B'})]
+    flops = {'A': {None: 100, r2: 10}, 'B': {None: 200, r2: 40, r4: 20},
+             'C': {None: 200, r2: 30}}
     # the filtered steps (each layer at its largest radius) save 17, 28
     # and 71 and peak as much lower: a peak that moves with the saved bytes
     prefixes = [
-        PrefixCosts(0, 10, 100, 0),
-        PrefixCosts(1, 30, 120, 100, **merged(fa), shared=[(15, {'A'})],
-                    filtered_saved_bytes=17, filtered_peak_bytes=107),
-        PrefixCosts(2, 60, 150, 300, **merged(fa, fb),
-                    shared=[(15, {'A'}), (20, {'B'})],
+        PrefixCosts(0, 10, 100, 0, 10),
+        PrefixCosts(1, 30, 120, 100, 15, sa, filtered_saved_bytes=17,
+                    filtered_peak_bytes=107),
+        PrefixCosts(2, 60, 150, 300, 25, sa + sb + [(20, None, {'B'})],
                     filtered_saved_bytes=28, filtered_peak_bytes=118),
-        PrefixCosts(3, 100, 190, 500, **merged(fa, fb, fc),
-                    shared=[(15, {'A'}), (20, {'B', 'C'})],
+        PrefixCosts(3, 100, 190, 500, 65,
+                    sa + sb + [(20, None, {'B', 'C'}), (3, r2, {'C'})],
                     filtered_saved_bytes=71, filtered_peak_bytes=161),
     ]
     for p in prefixes:
-        p.shared = [(n, frozenset(s)) for n, s in p.shared]
-    cosines = {'A': {(2, 2): 0.9}, 'B': {(2, 2): 0.8, (4, 4): 0.4},
-               'C': {(2, 2): 0.6}}
+        p.storages = [(n, r, frozenset(s)) for n, r, s in p.storages]
+        p.layer_flops = {k: flops[k] for k in 'ABC'[:p.trained]}
+    cosines = {'A': {r2: 0.9}, 'B': {r2: 0.8, r4: 0.4}, 'C': {r2: 0.6}}
     return prefixes, [a, b, c], cosines
 
 
@@ -240,6 +236,24 @@ def test_front_and_smallest():
                        0.5)[0].peak_bytes == round(150 - 16 * 29 / 32)
     # not even the classifier alone fits
     assert choose_plan(prefixes, layers, cosines, Budget(5), 0.5)[0] is None
+
+
+def test_pooled_input_shared_at_one_radius():
+    # B and C read one input (20 while either is vanilla); filtered convs of
+    # one radius pool it once (5 at r2, 2 at r4), of two radii once each
+    r2, r4 = (2, 2), (4, 4)
+    both = frozenset('BC')
+    prefix = PrefixCosts(2, 30, 0, 0, 10,
+                         [(20, None, both), (5, r2, both), (2, r4, both)],
+                         {p: {None: 0, r2: 0, r4: 0} for p in 'BC'})
+    options = {p: [(None, 1.0), (r2, 1.0), (r4, 1.0)] for p in 'BC'}
+    deltas = {(dict(s[3])['B'], dict(s[3])['C']): s[0] for s in
+              plan_mod._group_options(prefix, ['B', 'C'], options)}
+    assert deltas[None, None] == 0
+    assert deltas[r2, r2] == 5 - 20
+    assert deltas[r2, r4] == 5 + 2 - 20
+    assert deltas[r2, None] == 5
+    assert deltas[r4, r4] == 2 - 20
 
 
 def test_large_groups_choose_one_radius(monkeypatch):

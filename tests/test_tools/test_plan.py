@@ -74,7 +74,8 @@ def test_demo_plan_at_half_of_enc5l(tmp_path, demo):
     proc = subprocess.run(
         [sys.executable, str(ROOT / 'tools' / 'plan.py'), str(FULL),
          '--max-saved-mb', f'{budget / MB:.4f}', '--batch-size', str(BATCH),
-         '--batches', '1', '--radius', '2', '4', '--checkpoint', str(checkpoint), '--out', str(out),
+         '--batches', '1', '--radius', '2', '4', '--max-layers', '7',
+         '--checkpoint', str(checkpoint), '--out', str(out),
          '--cfg-options', data_option(data_root)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,6 +151,8 @@ def run_main(tool, monkeypatch, *args):
      '--radius values must be >= 1, got 0'),
     (['--max-saved-mb', '1', '--batches', '0'], '--batches must be >= 1, '
      'got 0'),
+    (['--max-saved-mb', '1', '--max-layers', '0'], '--max-layers must be >= '
+     '1, got 0'),
     (['--max-saved-mb', '1', '--min-cosine', '2'],
      '--min-cosine must be in [-1, 1], got 2.0'),
 ])
@@ -221,9 +224,9 @@ def test_plan_measured_over_budget_gives_way():
     layers = [Layer('A', None, (1, ), (1, 1, 8, 8), [(2, 2)])]
     prefixes = [
         PrefixCosts(0, 10, 100, 0),
-        PrefixCosts(1, 30, 120, 100, filtered_bytes={'A': {(2, 2): 2}},
-                    layer_flops={'A': {None: 100, (2, 2): 10}},
-                    shared=[(15, frozenset({'A'}))])]
+        PrefixCosts(1, 30, 120, 100, 15,
+                    [(15, None, frozenset('A')), (2, (2, 2), frozenset('A'))],
+                    {'A': {None: 100, (2, 2): 10}})]
     measured = []
 
     def measure(plan):
