@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 
 pytest.importorskip('mmseg', reason='needs MMSegmentation')
@@ -18,6 +19,14 @@ from mmgradfilt.memory.seg_loss import (  # noqa: E402
     CETerm, compact_labels, install_lean_loss, lean_loss_support,
     lean_seg_loss, remove_lean_loss)
 
+
+
+@pytest.fixture(autouse=True)
+def mmseg_scope():
+    """MMSeg's heads build in MMSeg's scope, whatever scope an earlier test
+    set (the registry looks the type up in the current default scope)."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        yield
 
 def ce(**kwargs):
     return dict(type='CrossEntropyLoss', **kwargs)
