@@ -7,7 +7,7 @@ printed.
 import argparse
 
 from mmgradfilt.cli import (add_runner_args, build_runner, load_config,
-                            parse_runner_args)
+                            parse_runner_args, quiet_third_party)
 
 
 def parse_args() -> argparse.Namespace:
@@ -19,6 +19,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    quiet_third_party()
     args = parse_args()
     cfg = load_config(args)
     cfg.load_from = args.checkpoint

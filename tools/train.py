@@ -11,7 +11,7 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from mmgradfilt.cli import (add_runner_args, build_runner, load_config,
-                            parse_runner_args)
+                            parse_runner_args, quiet_third_party)
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,6 +53,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def main() -> None:
+    quiet_third_party()
     args = parse_args()
     cfg = merge_args(load_config(args), args)
     build_runner(cfg).train()
