@@ -154,7 +154,7 @@ def loaded() -> bool:
         torch.ops.load_library(library)
     except Exception as err:  # no compiler, no headers: use the reference
         warnings.warn(f'mmgradfilt: CPU kernels unavailable ({err}); using '
-                      'the PyTorch path')
+                      'the PyTorch path', stacklevel=2)
         return False
     return True
 

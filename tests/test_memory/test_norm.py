@@ -231,9 +231,9 @@ def test_eval_mode_module_keeps_running_stats_and_conv_grads():
     state = {k: v.clone() for k, v in bn.state_dict().items()}
     g = torch.randn(2, 4, 9, 7, dtype=torch.float64)
     grads, outs = [], []
-    for norm in (FilteredBatchNorm2d.from_bn(bn, (2, 3)), bn):
+    for layer in (FilteredBatchNorm2d.from_bn(bn, (2, 3)), bn):
         xin = x.clone().requires_grad_()
-        out = norm(conv(xin))
+        out = layer(conv(xin))
         outs.append(out)
         out.backward(g)
         grads.append([t.grad.clone() for t in
@@ -311,10 +311,10 @@ def test_filtered_conv_sees_the_bn_gradient_it_expects():
     g_avg = patch_constant(F.avg_pool2d(g, (2, 3), ceil_mode=True), (9, 7),
                            (2, 3))
     grads = []
-    for norm, grad in ((FilteredBatchNorm2d.from_bn(bn, (2, 3)), g),
-                       (bn, g_avg)):
+    for layer, grad in ((FilteredBatchNorm2d.from_bn(bn, (2, 3)), g),
+                        (bn, g_avg)):
         xin = x.clone().requires_grad_()
-        norm(conv(xin)).backward(grad)
+        layer(conv(xin)).backward(grad)
         grads.append([t.grad.clone() for t in
                       (xin, conv.weight, conv.bias, bn.weight, bn.bias)])
         for t in (conv.weight, conv.bias, bn.weight, bn.bias):
