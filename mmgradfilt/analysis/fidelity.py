@@ -19,7 +19,8 @@ BN's weight and bias gradients against the exact BN's.
 import functools
 import statistics
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional,
+                    Sequence, Tuple)
 
 import torch
 import torch.nn as nn
@@ -214,6 +215,19 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
+def recorded_passes(model: nn.Module, recorder: 'GradientRecorder',
+                    batches: Iterable[Dict]) -> Iterator[Dict]:
+    """One training pass (forward, loss, backward) per batch; yields what
+    ``recorder`` kept of it, layer by layer."""
+    for batch in batches:
+        recorder.records.clear()
+        data = model.data_preprocessor(batch, True)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        yield recorder.records
+
+
 def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
                      radii: Optional[Sequence[int]] = None,
                      progress: Callable[[], None] = lambda: None,
@@ -235,14 +249,9 @@ def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
     samples = defaultdict(list)
     with GradientRecorder(model, norms=filter_norm) as recorder:
         norm_of = {conv: norm for norm, conv in recorder.norms.items()}
-        for batch in batches:
-            recorder.records.clear()
-            data = model.data_preprocessor(batch, True)
-            loss, _ = model.parse_losses(model(**data, mode='loss'))
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+        for records in recorded_passes(model, recorder, batches):
             for name, layer in recorder.layers.items():
-                rec = recorder.records.get(name, {})
+                rec = records.get(name, {})
                 if 'grad_out' not in rec:  # its output did not reach the loss
                     continue
                 x, grad_out = rec['input'], rec['grad_out']

@@ -7,7 +7,8 @@ from typing import Callable, Dict, Iterable, Sequence
 import torch.nn as nn
 
 from ..layers import GradFilterConv2d
-from .fidelity import GradientRecorder, exact_grads, layer_fidelity
+from .fidelity import (GradientRecorder, exact_grads, layer_fidelity,
+                       recorded_passes)
 from .plan import IntPair, Layer
 
 
@@ -33,13 +34,8 @@ def layer_cosines(model: nn.Module, layers: Sequence[Layer],
     radii = {layer.path: layer.radii for layer in layers}
     samples = defaultdict(list)
     with recorder:
-        for batch in batches:
-            recorder.records.clear()
-            data = model.data_preprocessor(batch, True)
-            loss, _ = model.parse_losses(model(**data, mode='loss'))
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            for path, rec in recorder.records.items():
+        for records in recorded_passes(model, recorder, batches):
+            for path, rec in records.items():
                 if 'grad_out' not in rec:  # its output did not reach the loss
                     continue
                 twin, x, grad_out = twins[path], rec['input'], rec['grad_out']
