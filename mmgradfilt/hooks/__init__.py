@@ -1,4 +1,4 @@
-from .gradient_filter_hook import GradientFilterHook
+from .gradient_filter_hook import GradientFilterHook, recipe_from_config
 from .pretrained_check_hook import PretrainedCheckHook
 
-__all__ = ['GradientFilterHook', 'PretrainedCheckHook']
+__all__ = ['GradientFilterHook', 'PretrainedCheckHook', 'recipe_from_config']

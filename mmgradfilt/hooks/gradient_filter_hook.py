@@ -1,17 +1,29 @@
-import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import torch.nn as nn
 from mmengine.hooks import Hook
-from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
-from ..report import count_parameters, format_table, trained_modules
-from ..surgery import (LeanRecord, check_filter_install, check_freeze_rules,
-                       eval_norms, freeze_layers, get_module,
-                       install_gradient_filter, make_lean)
+from ..surgery import GradientFilterRecipe
+
+
+def _recipe_field(name: str) -> property:
+    """An attribute of the hook that reads (and, checked, changes) its
+    recipe's field ``name``; lists where the config has lists."""
+
+    def get(self) -> Any:
+        if name == 'filter_install':
+            return self.recipe.to_config()[name]
+        value = getattr(self.recipe, name)
+        return list(value) if isinstance(value, tuple) else value
+
+    def set(self, value: Any) -> None:
+        self.recipe = self._checked(**{name: value})
+
+    return property(get, set, doc=f'The recipe\'s ``{name}``; setting it '
+                    'changes :attr:`recipe`, checked again.')
 
 
 @HOOKS.register_module()
@@ -25,6 +37,11 @@ class GradientFilterHook(Hook):
     state_dict keys do not change). In a distributed run the model is wrapped
     in DDP again when freezing changed which parameters train, so DDP needs no
     ``find_unused_parameters``.
+
+    The arguments make a :class:`~mmgradfilt.surgery.GradientFilterRecipe`
+    (:attr:`recipe`, checked here: a bad value is an error naming this hook);
+    :meth:`apply` runs it on a model without a runner, and
+    :func:`recipe_from_config` reads a config's recipe.
 
     Args:
         filter_install (list[dict]): ``dict(path=..., radius=...)`` items for
@@ -54,63 +71,30 @@ class GradientFilterHook(Hook):
                  norm_eval: bool = True,
                  lean_memory: bool = True,
                  filter_norm: Optional[bool] = None) -> None:
-        check_filter_install(filter_install)
-        for name, value in (('norm_eval', norm_eval),
-                            ('lean_memory', lean_memory)):
-            if not isinstance(value, bool):
-                raise TypeError(f'{name} must be a bool, got {value!r}')
-        if not isinstance(filter_norm, (bool, type(None))):
-            raise TypeError(f'filter_norm must be a bool or None, got '
-                            f'{filter_norm!r}')
-        if filter_norm is None:
-            filter_norm = lean_memory
-        if filter_norm and not lean_memory:
-            raise ValueError('filter_norm=True is part of the lean step: it '
-                             'needs lean_memory=True')
-        self.filter_install = list(filter_install)
-        self.freeze_layers = check_freeze_rules(freeze_layers)
-        self.norm_eval = norm_eval
-        self.lean_memory = lean_memory
-        self.filter_norm = filter_norm
+        self.recipe = self._checked(
+            filter_install=filter_install, freeze_layers=freeze_layers,
+            norm_eval=norm_eval, lean_memory=lean_memory,
+            filter_norm=filter_norm)
+
+    def _checked(self, **args) -> GradientFilterRecipe:
+        """The recipe of ``args`` (a change of :attr:`recipe` when it
+        exists); a bad value is an error naming this hook."""
+        try:
+            if hasattr(self, 'recipe'):
+                return self.recipe.replace(**args)
+            return GradientFilterRecipe(**args)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f'{type(self).__name__}: {err}') from None
+
+    filter_install = _recipe_field('filter_install')
+    freeze_layers = _recipe_field('freeze_layers')
+    norm_eval = _recipe_field('norm_eval')
+    lean_memory = _recipe_field('lean_memory')
+    filter_norm = _recipe_field('filter_norm')
 
     def apply(self, model: nn.Module) -> str:
         """Do the surgery on ``model``; return the report to log."""
-        for rule in self.freeze_layers:  # refuse unknown paths before any change
-            get_module(model, rule.lstrip('~'))
-        records = install_gradient_filter(model, self.filter_install)
-        rules = freeze_layers(model, self.freeze_layers, self.norm_eval)
-        # after freezing: the filtered BatchNorms skip the frozen ones
-        lean = make_lean(model, self.filter_norm) if self.lean_memory else []
-        frozen = [r.path for r in records
-                  if not model.get_submodule(r.path).weight.requires_grad]
-        if frozen:
-            print_log('Gradient filters on frozen convs (their weights get no '
-                      f'gradient): {", ".join(frozen)}', logger='current',
-                      level=logging.WARNING)
-        trainable, total = count_parameters(model)
-        lines = [f'Gradient filter on {len(records)} conv(s):',
-                 format_table(
-                     ['path', 'weight', 'stride', 'dilation', 'radius', 'status'],
-                     [[r.path, 'x'.join(map(str, r.weight_shape)),
-                       _pair_str(r.stride), _pair_str(r.dilation),
-                       _pair_str(r.radius), r.status] for r in records])]
-        if rules:
-            lines.append('Freeze rules (parameter tensors set): ' + ', '.join(
-                f'{r.rule} ({r.num_params})' for r in rules))
-        lines.append('Trained modules: ' +
-                     (', '.join(trained_modules(model)) or 'none'))
-        norms = eval_norms(model)
-        if norms:
-            lines.append(f'Frozen BatchNorms in eval mode (running statistics '
-                         f'fixed): {len(norms)}')
-        lines.append(f'Trainable parameters: {trainable:,} / {total:,} '
-                     f'({100 * trainable / max(total, 1):.2f}%)')
-        if self.lean_memory:
-            num_lean = sum(r.status != 'not lean' for r in lean)
-            lines += [f'Lean memory: {num_lean} of {len(lean)} part(s) lean:',
-                      format_table(['part', 'where', 'status', 'detail'],
-                                   _grouped(lean))]
-        return '\n'.join(lines)
+        return self.recipe.apply(model).text()
 
     def before_run(self, runner) -> None:
         """Install the filters and freeze layers before the run starts."""
@@ -126,23 +110,32 @@ class GradientFilterHook(Hook):
             runner.logger.info('Wrapped the model in DDP again after freezing')
 
 
-def _grouped(records: Sequence[LeanRecord]) -> List[List[str]]:
-    """One row per (part, status, detail), naming its modules (first and last
-    when there are many: the model's ReLUs would fill a screen)."""
-    groups: Dict[Tuple[str, str, str], List[str]] = {}
-    for r in records:
-        groups.setdefault((r.part, r.status, r.detail), []).append(r.path)
-    rows = []
-    for (part, status, detail), paths in groups.items():
-        where = (', '.join(paths) if len(paths) <= 2 else
-                 f'{len(paths)} modules: {paths[0]} ... {paths[-1]}')
-        rows.append([part, where, status, detail])
-    return rows
-
-
 def _trainable_ids(model: nn.Module) -> List[int]:
     return [id(p) for p in model.parameters() if p.requires_grad]
 
 
-def _pair_str(pair: Sequence[int]) -> str:
-    return str(pair[0]) if pair[0] == pair[1] else f'{pair[0]}x{pair[1]}'
+def recipe_from_config(cfg) -> GradientFilterRecipe:
+    """The recipe of ``cfg``'s ``GradientFilterHook`` (in ``custom_hooks``).
+
+    Args:
+        cfg (Config): A loaded config.
+
+    Returns:
+        GradientFilterRecipe: Checked as the hook checks it.
+
+    Raises:
+        ValueError: Unless the config has exactly one such hook (the message
+            names the config file and the count); ``TypeError`` or
+            ``ValueError`` naming the config for a bad argument.
+    """
+    name = getattr(cfg, 'filename', None) or 'the config'
+    hooks = [h for h in cfg.get('custom_hooks', None) or []
+             if h.get('type') in ('GradientFilterHook', GradientFilterHook)]
+    if len(hooks) != 1:
+        raise ValueError(f'{name} must have exactly one GradientFilterHook '
+                         f'in custom_hooks, found {len(hooks)}')
+    args = {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
+    try:
+        return GradientFilterHook(**args).recipe
+    except (TypeError, ValueError) as err:
+        raise type(err)(f'{name}: {err}') from None
