@@ -5,23 +5,9 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
 from ..ops import grad_filter_conv2d
-
-RadiusType = Union[int, Tuple[int, int]]
-
-
-def check_radius(radius: RadiusType) -> Tuple[int, int]:
-    """Return ``radius`` as an ``(rh, rw)`` pair of positive ints, or raise."""
-    pair = _pair(radius)
-    if len(pair) != 2 or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 1
-            for r in pair):
-        raise ValueError(f'radius must be a positive int or a pair of them, '
-                         f'got {radius!r}')
-    return pair
-
+from ..ops.types import RadiusType, check_radius
 
 @MODELS.register_module()
 class GradFilterConv2d(nn.Conv2d):

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels, reference, triton_kernels
-
-IntPair = Tuple[int, int]
+from .types import IntPair
 
 
 @runtime_checkable

@@ -40,13 +40,12 @@ from torch.nn.modules.utils import _pair
 from .backend import select
 from .reference import fit, grid_dtype, patch_grid_size
 from .shared_pool import shared_pool
+from .types import IntPair
 
 __all__ = [
     'GradFilterConv2dFunction', 'GridConv', 'grad_filter_conv2d', 'grid_conv',
     'grid_dtype', 'patch_grid_size', 'pool_blocks', 'sum_patches'
 ]
-
-IntPair = Tuple[int, int]
 
 
 def pool_blocks(x: Tensor, block: IntPair) -> Tensor:

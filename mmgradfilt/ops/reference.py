@@ -5,13 +5,13 @@ The fused backends (:mod:`.cpu_kernels`, :mod:`.triton_kernels`) give the same
 results where they take a tensor; the tests hold them to this one.
 """
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IntPair = Tuple[int, int]
+from .types import IntPair
 
 
 def available(x: Tensor) -> bool:

@@ -40,7 +40,8 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import Tensor
 
-IntPair = Tuple[int, int]
+from .types import IntPair
+
 Pool = Callable[[Tensor, IntPair], Tensor]
 
 # key -> (weak ref to the input, weak ref to its pooled tensor)

@@ -1,15 +1,20 @@
 """Model surgery on any ``nn.Module``: install gradient filters, freeze
 layers by dotted path, make the training step lean; and the recipe that does
-all three for a run."""
-from .filters import FilterRecord, check_filter_install, install_gradient_filter
+all three for a run. Every step returns :class:`SurgeryRecord` items with one
+status vocabulary (:data:`STATUSES`)."""
+from .filters import check_filter_install, install_gradient_filter
 from .freeze import FreezeRecord, check_freeze_rules, eval_norms, freeze_layers
-from .lean import LeanRecord, make_lean
+from .lean import make_lean
+from .norms import (filtered_norm_pairs, filtered_norm_records, frozen_in_eval,
+                    install_filtered_norm)
 from .paths import get_module, swap_modules
 from .recipe import GradientFilterRecipe, SurgeryReport
+from .record import STATUSES, SurgeryRecord
 
 __all__ = [
-    'FilterRecord', 'check_filter_install', 'install_gradient_filter',
-    'FreezeRecord', 'check_freeze_rules', 'eval_norms', 'freeze_layers',
-    'LeanRecord', 'make_lean', 'get_module', 'swap_modules',
-    'GradientFilterRecipe', 'SurgeryReport'
+    'check_filter_install', 'install_gradient_filter', 'FreezeRecord',
+    'check_freeze_rules', 'eval_norms', 'freeze_layers', 'make_lean',
+    'filtered_norm_pairs', 'filtered_norm_records', 'frozen_in_eval',
+    'install_filtered_norm', 'get_module', 'swap_modules',
+    'GradientFilterRecipe', 'SurgeryReport', 'STATUSES', 'SurgeryRecord'
 ]

@@ -1,25 +1,13 @@
 """Installing gradient filters on the convs under dotted paths."""
-from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from ..layers import GradFilterConv2d, check_radius
-from ..layers.grad_filter_conv2d import RadiusType
+from ..layers import GradFilterConv2d
+from ..ops.types import IntPair, RadiusType, check_radius
+from ..report import pair_label
 from .paths import get_module, swap_modules
-
-IntPair = Tuple[int, int]
-
-
-@dataclass
-class FilterRecord:
-    """One conv touched by :func:`install_gradient_filter`."""
-    path: str
-    weight_shape: Tuple[int, ...]
-    stride: Tuple[int, int]
-    dilation: Tuple[int, int]
-    radius: IntPair
-    status: str  # 'installed', 'updated' (new radius) or 'unchanged'
+from .record import SurgeryRecord
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
@@ -73,7 +61,7 @@ def check_filter_install(
 def install_gradient_filter(
         model: nn.Module,
         filter_install: Sequence[Union[dict, Tuple[str, RadiusType]]]
-) -> List[FilterRecord]:
+) -> List[SurgeryRecord]:
     """Replace the convs under each path with :class:`GradFilterConv2d`.
 
     Args:
@@ -84,7 +72,9 @@ def install_gradient_filter(
             module holding convs. ``(path, radius)`` tuples work too.
 
     Returns:
-        list[FilterRecord]: One record per conv, in order of installation.
+        list[SurgeryRecord]: One ``'conv'`` record per conv, in order of
+        installation: its radius, and its weight shape (with stride and
+        dilation where not 1) as the detail.
     """
     planned: Dict[int, Tuple[str, nn.Conv2d, IntPair]] = {}
     for path, radius in check_filter_install(filter_install):
@@ -101,10 +91,18 @@ def install_gradient_filter(
         else:
             status = 'installed'
             replacements[id(conv)] = GradFilterConv2d.from_conv(conv, radius)
-        records.append(
-            FilterRecord(name, tuple(conv.weight.shape), tuple(conv.stride),
-                         tuple(conv.dilation), radius, status))
+        records.append(SurgeryRecord('conv', name, status, _shape(conv),
+                                     radius))
     swap_modules(model, replacements)
     return records
 
 
+def _shape(conv: nn.Conv2d) -> str:
+    """``128x512x3x3, dilation 12``: the weight shape, then the stride and
+    the dilation where they are not 1."""
+    text = 'x'.join(map(str, conv.weight.shape))
+    for name in ('stride', 'dilation'):
+        value = tuple(getattr(conv, name))
+        if value != (1, 1):
+            text += f', {name} {pair_label(value)}'
+    return text

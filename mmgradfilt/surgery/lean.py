@@ -4,25 +4,15 @@ import ast
 import functools
 import inspect
 import textwrap
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
 from ..memory.activations import LEAN_ACTIVATIONS, lean_activation
-from ..memory.norm import install_filtered_norm
 from ..memory.seg_loss import install_lean_loss, lean_loss_support
-from ..report import pair_label
+from .norms import frozen_in_eval, install_filtered_norm
 from .paths import swap_modules
-
-
-@dataclass
-class LeanRecord:
-    """One part of a model seen by :func:`make_lean`."""
-    part: str  # 'activation', 'loss' or 'norm'
-    path: str
-    status: str  # 'lean', 'unchanged' (lean already) or 'not lean'
-    detail: str  # what it keeps for backward now, or why it is left as it is
+from .record import SurgeryRecord
 
 
 # activations of torch and MMCV that have no 1-bit backward: reported, kept
@@ -40,23 +30,23 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _activation_record(path: str,
-                       module: nn.Module) -> Tuple[Optional[LeanRecord], bool]:
+                       module: nn.Module) -> Tuple[Optional[SurgeryRecord], bool]:
     """The record of one module that may be an activation (None if it is
     not one), and whether to swap it for its lean twin."""
     name = type(module).__name__
     if isinstance(module, tuple(LEAN_ACTIVATIONS.values())):
-        return LeanRecord('activation', path, 'unchanged',
+        return SurgeryRecord('activation', path, 'unchanged',
                           f'{name}: 1-bit mask'), False
     if type(module) in LEAN_ACTIVATIONS:
         if _has_hooks(module):
-            return LeanRecord('activation', path, 'not lean',
+            return SurgeryRecord('activation', path, 'skipped',
                               f'{name} has module hooks, which a swap would '
                               'drop'), False
-        return LeanRecord('activation', path, 'lean',
+        return SurgeryRecord('activation', path, 'installed',
                           f'{name} -> 1-bit mask'), True
     if (type(module).__module__ in _OTHER_ACTIVATION_MODULES
             and not isinstance(module, nn.MultiheadAttention)):
-        return LeanRecord('activation', path, 'not lean',
+        return SurgeryRecord('activation', path, 'skipped',
                           f'{name} has no 1-bit backward'), False
     return None, False
 
@@ -82,7 +72,8 @@ def _functional_activations(cls: type) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(calls))
 
 
-def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
+def make_lean(model: nn.Module,
+              filter_norm: bool = False) -> List[SurgeryRecord]:
     """Make what ``model``'s training step keeps for backward smaller.
 
     Exact (same forward, same gradients): ReLU, ReLU6 and LeakyReLU modules
@@ -92,9 +83,11 @@ def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
     also each BatchNorm2d (or reverted SyncBN) right after a
     :class:`GradFilterConv2d`, trained or in eval mode with a trained affine,
     becomes a :class:`~mmgradfilt.memory.FilteredBatchNorm2d` (approximate:
-    patch statistics). Every part is checked before any is changed; a part the lean
-    path does not know is left as it is, and its record says why. Parameters
-    and state_dict keys do not change.
+    patch statistics). Every part is checked before any is changed; a part
+    the lean path does not know is left as it is, and its record says why.
+    Frozen BatchNorms in eval mode (a frozen part's, as :func:`freeze_layers`
+    leaves them) have nothing to make lean and get no record. Parameters and
+    state_dict keys do not change.
 
     Args:
         model (nn.Module): The model, changed in place.
@@ -102,9 +95,10 @@ def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
             Defaults to False.
 
     Returns:
-        list[LeanRecord]: Activations (modules, and calls in a forward that
-        no swap reaches), decode-head losses and, with ``filter_norm``,
-        normalization layers: which are lean and which are not, and why.
+        list[SurgeryRecord]: Activations (modules, and calls in a forward
+        that no swap reaches), decode-head losses and, with ``filter_norm``,
+        normalization layers: which are lean (``'installed'`` now or
+        ``'unchanged'``) and which are ``'skipped'``, and why.
     """
     if not isinstance(filter_norm, bool):
         raise TypeError(f'filter_norm must be a bool, got {filter_norm!r}')
@@ -116,14 +110,14 @@ def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
         if swap:
             swaps[id(module)] = lean_activation(module)
         for call in _functional_activations(type(module)):
-            records.append(LeanRecord(
-                'activation', path, 'not lean',
+            records.append(SurgeryRecord(
+                'activation', path, 'skipped',
                 f'{call}() in {type(module).__name__}.forward: a functional '
                 'call cannot be swapped'))
         if isinstance(getattr(module, 'loss_decode', None), nn.Module):
             reason = lean_loss_support(module)
-            records.append(LeanRecord(
-                'loss', path, 'not lean' if reason else 'lean',
+            records.append(SurgeryRecord(
+                'loss', path, 'skipped' if reason else 'installed',
                 reason or 'banded cross-entropy: keeps head-size logits and '
                 'compact labels'))
             if reason is None:
@@ -133,14 +127,6 @@ def make_lean(model: nn.Module, filter_norm: bool = False) -> List[LeanRecord]:
     for head in heads:
         install_lean_loss(head)
     if filter_norm:
-        for norm in install_filtered_norm(model):
-            if norm.status == 'skipped':
-                records.append(LeanRecord('norm', norm.path, 'not lean',
-                                          f'{norm.type}: {norm.reason}'))
-            else:
-                records.append(LeanRecord(
-                    'norm', norm.path,
-                    'unchanged' if norm.status == 'unchanged' else 'lean',
-                    f'{norm.type} -> patch statistics (radius '
-                    f'{pair_label(norm.radius)}, after {norm.conv})'))
+        records += [r for r in install_filtered_norm(model)
+                    if not frozen_in_eval(model.get_submodule(r.path))]
     return records

@@ -15,13 +15,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 from mmengine.logging import print_log
 
+from ..ops.types import IntPair
 from ..report import count_parameters, format_table, pair_label, trained_modules
-from .filters import FilterRecord, check_filter_install, install_gradient_filter
+from .filters import check_filter_install, install_gradient_filter
 from .freeze import FreezeRecord, check_freeze_rules, eval_norms, freeze_layers
-from .lean import LeanRecord, make_lean
+from .lean import make_lean
 from .paths import get_module
-
-IntPair = Tuple[int, int]
+from .record import SurgeryRecord
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ class GradientFilterRecipe:
 @dataclass
 class SurgeryReport:
     """What :meth:`GradientFilterRecipe.apply` did to a model."""
-    filters: List[FilterRecord]
+    filters: List[SurgeryRecord]
     freeze: List[FreezeRecord]
-    lean: Optional[List[LeanRecord]]  # None without lean_memory
+    lean: Optional[List[SurgeryRecord]]  # None without lean_memory
     trained_modules: List[str]
     eval_norms: List[str]  # frozen BatchNorms kept in eval mode
     trainable_params: int
@@ -150,11 +150,9 @@ class SurgeryReport:
     def text(self) -> str:
         """The report as the hook logs it."""
         lines = [f'Gradient filter on {len(self.filters)} conv(s):',
-                 format_table(
-                     ['path', 'weight', 'stride', 'dilation', 'radius', 'status'],
-                     [[r.path, 'x'.join(map(str, r.weight_shape)),
-                       pair_label(r.stride), pair_label(r.dilation),
-                       pair_label(r.radius), r.status] for r in self.filters])]
+                 format_table(['path', 'radius', 'status', 'weight'],
+                              [[r.path, pair_label(r.radius), r.status,
+                                r.detail] for r in self.filters])]
         if self.freeze:
             lines.append('Freeze rules (parameter tensors set): ' + ', '.join(
                 f'{r.rule} ({r.num_params})' for r in self.freeze))
@@ -168,7 +166,7 @@ class SurgeryReport:
                      f'{self.total_params:,} '
                      f'({100 * self.trainable_params / total:.2f}%)')
         if self.lean is not None:
-            num_lean = sum(r.status != 'not lean' for r in self.lean)
+            num_lean = sum(r.status != 'skipped' for r in self.lean)
             lines += [f'Lean memory: {num_lean} of {len(self.lean)} part(s) '
                       'lean:',
                       format_table(['part', 'where', 'status', 'detail'],
@@ -176,7 +174,7 @@ class SurgeryReport:
         return '\n'.join(lines)
 
 
-def _grouped(records: Sequence[LeanRecord]) -> List[List[str]]:
+def _grouped(records: Sequence[SurgeryRecord]) -> List[List[str]]:
     """One row per (part, status, detail), naming its modules (first and last
     when there are many: the model's ReLUs would fill a screen)."""
     groups: Dict[Tuple[str, str, str], List[str]] = {}

@@ -16,7 +16,7 @@ from mmgradfilt.benchmark import step
 from mmgradfilt.benchmark.memory import SavedTensorMeter
 from mmgradfilt.memory import FilteredBatchNorm2d, LeanReLU
 from mmgradfilt.ops import grad_filter_conv
-from mmgradfilt.surgery import LeanRecord, make_lean
+from mmgradfilt.surgery import SurgeryRecord, eval_norms, make_lean
 
 CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 SEG_CONFIG = ('demo_seg/deeplabv3_r18-tiny-d8_filt5L_1xb8-300_'
@@ -131,7 +131,7 @@ def test_seg_step_same_as_without_lean(dtype, tol):
         assert type(lean.get_submodule(path).activate) is LeanReLU
     assert 'loss_by_feat' in vars(lean.decode_head)
     assert 'Lean memory: 18 of 18 part(s) lean:' in report
-    assert re.search(r'\nloss +decode_head +lean +banded cross-entropy',
+    assert re.search(r'\nloss +decode_head +installed +banded cross-entropy',
                      report)
     # the same parameters, keys and values
     assert plain.state_dict().keys() == lean.state_dict().keys()
@@ -169,8 +169,8 @@ def test_unsupported_loss_left_as_it_is():
     batch, plain, lean, _ = _pair(SEG_CONFIG, 64,
                                   loss_decode=dict(type='DiceLoss'))
     records = make_lean(lean)  # again: the records of the lean model
-    assert LeanRecord('loss', 'decode_head', 'not lean',
-                      'loss_decode DiceLoss is not supported') in records
+    assert SurgeryRecord('loss', 'decode_head', 'skipped',
+                         'loss_decode DiceLoss is not supported') in records
     assert 'loss_by_feat' not in vars(lean.decode_head)
     # the activations are lean already; the step is the same bit for bit
     assert {r.status for r in records if r.part == 'activation'} == {
@@ -198,18 +198,18 @@ def test_records_say_what_is_lean_and_why_not():
     model = _Mixed()
     records = make_lean(model)
     assert records == [
-        LeanRecord('activation', '', 'not lean',
-                   'F.relu() in _Mixed.forward: a functional call cannot be '
-                   'swapped'),
-        LeanRecord('activation', 'relu', 'lean', 'ReLU -> 1-bit mask'),
-        LeanRecord('activation', 'gelu', 'not lean',
-                   'GELU has no 1-bit backward'),
-        LeanRecord('activation', 'hooked', 'not lean',
-                   'LeakyReLU has module hooks, which a swap would drop'),
+        SurgeryRecord('activation', '', 'skipped',
+                      'F.relu() in _Mixed.forward: a functional call cannot '
+                      'be swapped'),
+        SurgeryRecord('activation', 'relu', 'installed', 'ReLU -> 1-bit mask'),
+        SurgeryRecord('activation', 'gelu', 'skipped',
+                      'GELU has no 1-bit backward'),
+        SurgeryRecord('activation', 'hooked', 'skipped',
+                      'LeakyReLU has module hooks, which a swap would drop'),
     ]
     assert type(model.relu) is LeanReLU and model.relu.inplace
     assert type(model.hooked) is nn.LeakyReLU
-    assert make_lean(model)[1] == LeanRecord(
+    assert make_lean(model)[1] == SurgeryRecord(
         'activation', 'relu', 'unchanged', 'LeanReLU: 1-bit mask')
     with pytest.raises(TypeError, match="filter_norm must be a bool, got 'no'"):
         make_lean(model, filter_norm='no')
@@ -222,8 +222,9 @@ def test_filter_norm_swaps_the_norms_behind_filtered_convs():
     filtered = copy.deepcopy(model)
     weight = filtered[1].weight
     assert make_lean(filtered, filter_norm=True) == records + [
-        LeanRecord('norm', '1', 'lean',
-                   'BatchNorm2d -> patch statistics (radius 2, after 0)')]
+        SurgeryRecord('norm', '1', 'installed',
+                      'BatchNorm2d -> patch statistics (radius 2, after 0)',
+                      (2, 2), '0')]
     assert isinstance(filtered[1], FilteredBatchNorm2d)
     assert filtered[1].weight is weight  # an optimizer built before holds it
 
@@ -241,12 +242,16 @@ def test_filter_norm_swaps_the_norms_behind_filtered_convs():
 def test_filter_norm_records_match_the_seg_model():
     batch, plain, lean, _ = _pair(SEG_CONFIG, 64, filter_norm=True)
     norms = [r for r in make_lean(lean, filter_norm=True) if r.part == 'norm']
-    assert len(norms) == 28  # every BatchNorm, lean or not
+    # every BatchNorm, lean or not, but the frozen ones in eval mode: they
+    # keep nothing to filter, and are no misses
+    frozen = set(eval_norms(lean))
+    assert frozen and not frozen & {r.path for r in norms}
+    assert len(norms) + len(frozen) == 28
     for record in norms:
         assert isinstance(lean.get_submodule(record.path),
-                          FilteredBatchNorm2d) == (record.status != 'not lean')
+                          FilteredBatchNorm2d) == (record.status != 'skipped')
     # the reverted SyncBNs (_BatchNormXd) after the five filtered convs
-    assert sorted(r.path for r in norms if r.status != 'not lean') == sorted(
+    assert sorted(r.path for r in norms if r.status != 'skipped') == sorted(
         path[:-len('conv')] + 'bn' for path in
         ('decode_head.bottleneck.conv',
          *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))))

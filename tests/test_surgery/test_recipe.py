@@ -84,7 +84,7 @@ def test_apply_reports_what_it_did_as_the_hook_logs_it():
     assert report.trained_modules == ['stem.1', 'body', 'head']
     text = report.text()
     assert text.startswith('Gradient filter on 2 conv(s):')
-    assert 'head    2x4x1x1  1       1         2x3' in text
+    assert 'head    2x3     installed  2x4x1x1' in text
     assert 'Freeze rules (parameter tensors set): stem (4), ~stem.1 (2)' in text
     assert 'Lean memory' not in text
     assert GradientFilterHook(**ARGS, lean_memory=False).apply(other) == text

@@ -47,7 +47,10 @@ def test_installs_on_every_conv_under_a_path_and_keeps_parameters():
         ('layers.1.downsample.0', (2, 2), 'installed'),
         ('head', (4, 4), 'installed'),
     ]
-    assert records[0].weight_shape == (8, 8, 3, 3) and records[0].stride == (2, 2)
+    # the weight shape, with the stride and dilation where not 1
+    assert [r.detail for r in records] == [
+        '8x8x3x3, stride 2', '8x8x3x3', '8x8x1x1, stride 2', '2x8x1x1']
+    assert {r.part for r in records} == {'conv'}
     filtered = {n for n, m in net.named_modules()
                 if isinstance(m, GradFilterConv2d)}
     assert filtered == {r.path for r in records}

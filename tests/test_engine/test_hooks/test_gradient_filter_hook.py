@@ -135,7 +135,8 @@ class TestGradientFilterHook(RunnerTestCase):
         assert 'Lean memory' not in logs[0]
         assert 'Lean memory: 2 of 2 part(s) lean:' in logs[1]
         # one row per kind of change, naming its modules
-        assert 'activation  stem.2, body.2  lean    ReLU -> 1-bit mask' in logs[1]
+        assert ('activation  stem.2, body.2  installed  ReLU -> 1-bit mask'
+                in logs[1])
         # the lines before it are kept
         assert 'Trained modules: body, head\n' in logs[1]
 
