@@ -7,13 +7,11 @@ from .activations import (LEAN_ACTIVATIONS, LeanLeakyReLU, LeanReLU,
                           pack_bits, unpack_bits)
 from .norm import (FilteredBatchNorm2d, FilteredBatchNormFunction,
                    filtered_batch_norm)
-from .seg_loss import (CETerm, install_lean_loss, lean_loss_support,
-                       lean_seg_loss, remove_lean_loss)
+from .seg_loss import CETerm, lean_seg_loss
 
 __all__ = [
     'LEAN_ACTIVATIONS', 'LeanLeakyReLU', 'LeanReLU', 'LeanReLU6',
     'MaskActivationFunction', 'lean_activation', 'pack_bits', 'unpack_bits',
     'FilteredBatchNorm2d', 'FilteredBatchNormFunction', 'filtered_batch_norm',
-    'CETerm', 'install_lean_loss', 'lean_loss_support', 'lean_seg_loss',
-    'remove_lean_loss'
+    'CETerm', 'lean_seg_loss'
 ]

@@ -10,11 +10,13 @@ from .norms import (filtered_norm_pairs, filtered_norm_records, frozen_in_eval,
 from .paths import get_module, swap_modules
 from .recipe import GradientFilterRecipe, SurgeryReport
 from .record import STATUSES, SurgeryRecord
+from .seg_loss import install_lean_loss, lean_loss_support, remove_lean_loss
 
 __all__ = [
     'check_filter_install', 'install_gradient_filter', 'FreezeRecord',
     'check_freeze_rules', 'eval_norms', 'freeze_layers', 'make_lean',
     'filtered_norm_pairs', 'filtered_norm_records', 'frozen_in_eval',
     'install_filtered_norm', 'get_module', 'swap_modules',
-    'GradientFilterRecipe', 'SurgeryReport', 'STATUSES', 'SurgeryRecord'
+    'GradientFilterRecipe', 'SurgeryReport', 'STATUSES', 'SurgeryRecord',
+    'install_lean_loss', 'lean_loss_support', 'remove_lean_loss'
 ]

@@ -9,10 +9,10 @@ from typing import List, Optional, Tuple
 import torch.nn as nn
 
 from ..memory.activations import LEAN_ACTIVATIONS, lean_activation
-from ..memory.seg_loss import install_lean_loss, lean_loss_support
 from .norms import frozen_in_eval, install_filtered_norm
 from .paths import swap_modules
 from .record import SurgeryRecord
+from .seg_loss import install_lean_loss, lean_loss_support
 
 
 # activations of torch and MMCV that have no 1-bit backward: reported, kept

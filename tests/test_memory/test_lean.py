@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.config import Config
 
-from mmgradfilt import GradFilterConv2d, GradientFilterHook
+from mmgradfilt import GradFilterConv2d
 from mmgradfilt.benchmark import step
 from mmgradfilt.benchmark.memory import SavedTensorMeter
+from mmgradfilt.hooks import recipe_from_config
 from mmgradfilt.memory import FilteredBatchNorm2d, LeanReLU
 from mmgradfilt.ops import grad_filter_conv
 from mmgradfilt.surgery import SurgeryRecord, eval_norms, make_lean
@@ -38,7 +39,7 @@ def flush_denormals():
 def _build(config: str, size: int, loss_decode: Optional[dict] = None):
     """The config, its model (random weights, the data preprocessor padding
     to ``size``, ``loss_decode`` replacing the decode head's if given) and
-    its GradientFilterHook's arguments."""
+    its GradientFilterHook's recipe."""
     cfg = Config.fromfile(osp.join(CONFIG_ROOT, config))
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
@@ -48,20 +49,18 @@ def _build(config: str, size: int, loss_decode: Optional[dict] = None):
         model_cfg.decode_head.loss_decode = loss_decode
     torch.manual_seed(0)
     model = step.build_model(cfg, model_cfg)
-    hook = step.gradient_filter_hook(cfg)
-    kwargs = dict(filter_install=hook.filter_install,
-                  freeze_layers=hook.freeze_layers, norm_eval=hook.norm_eval)
-    return cfg, model, kwargs
+    return cfg, model, recipe_from_config(cfg)
 
 
 def _pair(config: str, size: int, filter_norm: bool = False,
           loss_decode: Optional[dict] = None):
     """``(batch maker, plain model, lean model, lean report)``: the config's
     hook with ``lean_memory=False`` and ``True``."""
-    cfg, model, kwargs = _build(config, size, loss_decode)
+    cfg, model, recipe = _build(config, size, loss_decode)
     plain, lean = model, copy.deepcopy(model)
-    GradientFilterHook(**kwargs, lean_memory=False).apply(plain)
-    report = GradientFilterHook(**kwargs, filter_norm=filter_norm).apply(lean)
+    recipe.replace(lean_memory=False, filter_norm=False).apply(plain)
+    report = recipe.replace(lean_memory=True,
+                            filter_norm=filter_norm).apply(lean).text()
     return (lambda n: step.synthetic_batch(cfg, n, (size, size))), plain, \
         lean, report
 

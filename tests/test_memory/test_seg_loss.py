@@ -16,8 +16,9 @@ from mmseg.structures import SegDataSample  # noqa: E402
 from mmgradfilt.benchmark import SavedTensorMeter  # noqa: E402
 from mmgradfilt.benchmark.memory import peak_memory_bytes  # noqa: E402
 from mmgradfilt.memory.seg_loss import (  # noqa: E402
-    CETerm, compact_labels, install_lean_loss, lean_loss_support,
-    lean_seg_loss, remove_lean_loss)
+    CETerm, compact_labels, lean_seg_loss)
+from mmgradfilt.surgery import (  # noqa: E402
+    install_lean_loss, lean_loss_support, remove_lean_loss)
 
 
 
