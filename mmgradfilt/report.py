@@ -9,36 +9,9 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple, Union
-
-import torch.nn as nn
+from typing import Any, Dict, Sequence, Union
 
 MB = 2.0**20
-
-
-def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """``(trainable, total)`` number of parameter elements."""
-    params = list(model.parameters())
-    return (sum(p.numel() for p in params if p.requires_grad),
-            sum(p.numel() for p in params))
-
-
-def trained_modules(model: nn.Module) -> List[str]:
-    """The shallowest modules whose parameters all train, in model order.
-
-    A module counts only where it holds parameters and every one of them has
-    ``requires_grad``; its children are then not listed again.
-    """
-    listed: List[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + '.') for p in listed):
-            continue
-        params = list(module.parameters())
-        if params and all(p.requires_grad for p in params):
-            listed.append(name)
-            if name == '':
-                break
-    return [name or type(model).__name__ for name in listed]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -24,7 +24,7 @@ from mmengine.utils import ProgressBar, mkdir_or_exist
 
 from mmgradfilt.benchmark.layers import (bench_layer, layer_legend,
                                          layer_table, load_layer_suite)
-from mmgradfilt.benchmark.report import (TIMES, csv_table, layers_table,
+from mmgradfilt.benchmark.tables import (TIMES, csv_table, layers_table,
                                          memory_table, peak_notes, plot_layers,
                                          plot_step, ratio, step_legend,
                                          step_table)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..report import trained_modules
+from ..surgery import trained_modules
 
 IntPair = Tuple[int, int]
 Radius = Optional[IntPair]  # None: vanilla back-propagation

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..layers import GradFilterConv2d
 from ..report import Column, Table
 from .flops import conv_backward_flops
-from .report import compared, ratio
+from .tables import compared, ratio
 from .timing import cuda_kernel_seconds, paired_ratio, summarize, timed
 
 

@@ -3,7 +3,8 @@ layers by dotted path, make the training step lean; and the recipe that does
 all three for a run. Every step returns :class:`SurgeryRecord` items with one
 status vocabulary (:data:`STATUSES`)."""
 from .filters import check_filter_install, install_gradient_filter
-from .freeze import FreezeRecord, check_freeze_rules, eval_norms, freeze_layers
+from .freeze import (FreezeRecord, check_freeze_rules, count_parameters,
+                     eval_norms, freeze_layers, trained_modules)
 from .lean import make_lean
 from .norms import (filtered_norm_pairs, filtered_norm_records, frozen_in_eval,
                     install_filtered_norm)
@@ -14,7 +15,8 @@ from .seg_loss import install_lean_loss, lean_loss_support, remove_lean_loss
 
 __all__ = [
     'check_filter_install', 'install_gradient_filter', 'FreezeRecord',
-    'check_freeze_rules', 'eval_norms', 'freeze_layers', 'make_lean',
+    'check_freeze_rules', 'count_parameters', 'eval_norms', 'freeze_layers',
+    'trained_modules', 'make_lean',
     'filtered_norm_pairs', 'filtered_norm_records', 'frozen_in_eval',
     'install_filtered_norm', 'get_module', 'swap_modules',
     'GradientFilterRecipe', 'SurgeryReport', 'STATUSES', 'SurgeryRecord',

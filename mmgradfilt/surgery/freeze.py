@@ -1,6 +1,7 @@
-"""Freezing and unfreezing parts of a model by ordered rules."""
+"""Freezing and unfreezing parts of a model by ordered rules, and what
+trains then."""
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -74,3 +75,28 @@ def eval_norms(model: nn.Module) -> List[str]:
     return [name for name, module in model.named_modules()
             if isinstance(module, _BatchNorm)
             and _keep_eval in module._forward_pre_hooks.values()]
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` number of parameter elements."""
+    params = list(model.parameters())
+    return (sum(p.numel() for p in params if p.requires_grad),
+            sum(p.numel() for p in params))
+
+
+def trained_modules(model: nn.Module) -> List[str]:
+    """The shallowest modules whose parameters all train, in model order.
+
+    A module counts only where it holds parameters and every one of them has
+    ``requires_grad``; its children are then not listed again.
+    """
+    listed: List[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + '.') for p in listed):
+            continue
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):
+            listed.append(name)
+            if name == '':
+                break
+    return [name or type(model).__name__ for name in listed]

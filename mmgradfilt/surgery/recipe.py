@@ -16,9 +16,10 @@ import torch.nn as nn
 from mmengine.logging import print_log
 
 from ..ops.types import IntPair
-from ..report import count_parameters, format_table, pair_label, trained_modules
+from ..report import format_table, pair_label
 from .filters import check_filter_install, install_gradient_filter
-from .freeze import FreezeRecord, check_freeze_rules, eval_norms, freeze_layers
+from .freeze import (FreezeRecord, check_freeze_rules, count_parameters,
+                     eval_norms, freeze_layers, trained_modules)
 from .lean import make_lean
 from .paths import get_module
 from .record import SurgeryRecord

@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmgradfilt.benchmark.layers import load_layer_suite
 from mmgradfilt.benchmark.memory import (KINDS, STEP_PHASES, SavedTensorMeter,
                                          peak_phase, step_peaks)
-from mmgradfilt.benchmark.report import peak_notes
+from mmgradfilt.benchmark.tables import peak_notes
 from mmgradfilt.benchmark.step import train_input_size
 from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
