@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements/constraints.txt setup.cfg
 	$(PIP) install $(PIN) mmengine ninja psutil
 	MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install $(PIN) --no-build-isolation mmcv
 	$(PIP) install $(PIN) mmsegmentation ftfy regex mmpretrain openmim pytest scikit-learn matplotlib onnx onnxscript onnxruntime
+	# the checks make test runs before the tests (config in pyproject.toml)
+	$(PIP) install $(PIN) ruff import-linter
 	# openmim's dependencies pull setuptools back to 60.x; mim needs pkg_resources
 	$(PIP) install $(SETUPTOOLS)
 	$(PIP) install --no-deps --no-build-isolation -e .
@@ -27,7 +29,10 @@ $(VENV)/.installed: requirements/constraints.txt setup.cfg
 	$(VENV)/bin/mim train --help > /dev/null
 	touch $@
 
+# lint (ruff) and the layers of docs/design.md (import-linter), then the tests
 test: env
+	$(VENV)/bin/ruff check mmgradfilt tools tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
 
 # The offline segmentation demo: digits data, calib from scratch, then enc5L

@@ -1,8 +1,9 @@
 """Conv shapes that every path of the op (reference, C++, Triton) must take
 with the same gradients; shared by the path-comparison tests."""
 
-# pairs included: the three of issue 15 (radius (1, 4); dilation (1, 8) with
-# radius 4; dilation 4 with radius (2, 8)), a stride pair, and the usual ones
+# unequal pairs included, where the axes are easy to mix up (radius (1, 4);
+# dilation (1, 8) with radius 4; dilation 4 with radius (2, 8)), a stride
+# pair, and the usual ones
 OP_CASES = [
     dict(padding=(1, 1)),
     dict(stride=(2, 2), padding=(1, 1)),

@@ -75,7 +75,8 @@ class MBInvertedConv(nn.Module):
                  mid_channels: Optional[int] = None,
                  act_func: str = 'relu6',
                  use_se: bool = False,
-                 norm_cfg: dict = dict(type='BN')) -> None:
+                 norm_cfg: dict = dict(type='BN')  # noqa: B006 (only read)
+                 ) -> None:
         super().__init__()
         if use_se:
             raise ValueError('MBInvertedConvLayer with use_se=True is not '
