@@ -71,8 +71,9 @@ def test_five_layer_recipe(deeplabv3_r18):
         'decode_head.aspp_modules.2.conv': 6,
         'decode_head.aspp_modules.3.conv': 9,
     }
-    assert [r.dilation for r in records[1:]] == [(1, 1), (12, 12), (24, 24),
-                                                 (36, 36)]
+    assert [r.detail for r in records[1:]] == [
+        '128x512x1x1', '128x512x3x3, dilation 12', '128x512x3x3, dilation 24',
+        '128x512x3x3, dilation 36']
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(TRAINED) for n in trainable)
     assert 'decode_head.conv_seg.weight' in trainable
