@@ -1,7 +1,9 @@
 """Datasets that OpenMMLab lacks, registered where their toolbox is installed."""
 import importlib.util
 
-__all__ = []
+from .views import ViewDataset, ViewSampler, dataset_fingerprint, with_views
+
+__all__ = ['ViewDataset', 'ViewSampler', 'dataset_fingerprint', 'with_views']
 
 if importlib.util.find_spec('mmpretrain'):
     from .digits import Digits
