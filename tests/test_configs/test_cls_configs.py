@@ -21,6 +21,7 @@ from mmpretrain.structures import DataSample  # noqa: E402
 
 from mmgradfilt import GradFilterConv2d  # noqa: E402
 from mmgradfilt.benchmark import step  # noqa: E402
+from mmgradfilt.hooks import recipe_from_config  # noqa: E402
 from mmgradfilt.hooks.pretrained_check_hook import (  # noqa: E402
     CHECKPOINT_HINT, missing_checkpoints_error, pretrained_checkpoints)
 
@@ -143,7 +144,7 @@ def test_mcunet_trains_offline(tmp_path, monkeypatch):
     cfg = Config.fromfile(osp.join(
         folder, 'mcunet-5fps_filt-last2-r4_1xb128-50e_cifar10-user1.py'))
     model = build_model(cfg)
-    step.gradient_filter_hook(cfg).apply(model)
+    recipe_from_config(cfg).apply(model)
     filtered = {n: m for n, m in model.named_modules()
                 if isinstance(m, GradFilterConv2d)}
     # expand, depthwise and project conv of the last two blocks
