@@ -311,6 +311,10 @@ class FeatureStore:
         self._pid, self._fds, self._maps = None, [], []
         self._valid_map = None
 
+    def __del__(self) -> None:
+        if getattr(self, '_pid', None) is not None:
+            self.close()
+
     # ------------------------------------------------------------ entries
     @property
     def capacity(self) -> int:

@@ -305,6 +305,18 @@ def test_unwritable_cache_dir(tmp_path):
         make(root)
 
 
+def test_close_releases_files(tmp_path):
+    fds = len(os.listdir('/proc/self/fd'))
+    store = make(tmp_path)
+    assert store.put(0, entry(0))
+    assert len(os.listdir('/proc/self/fd')) > fds
+    store.close()
+    assert len(os.listdir('/proc/self/fd')) == fds
+    assert store.contains(0)  # reopened on use
+    del store
+    assert len(os.listdir('/proc/self/fd')) == fds
+
+
 def test_index_out_of_range(tmp_path):
     store = make(tmp_path)
     with pytest.raises(IndexError, match='entry 8 out of range'):
