@@ -1,6 +1,8 @@
-"""Analysis of what gradient filtering does to training (not what it costs:
-that is :mod:`mmgradfilt.benchmark`'s): how close the filtered gradients are
-to the exact ones."""
-from .fidelity import GradientRecorder, layer_fidelity, measure_fidelity
+"""Analysis of what gradient filtering does to training: how close the
+gradients training applies are to exact ones (:mod:`.fidelity`, one
+definition), and the budget planner built on it and on measured costs."""
+from .fidelity import (configured_models, exact_model, gradient_fidelity,
+                       layer_fidelity, measure_fidelity)
 
-__all__ = ['GradientRecorder', 'layer_fidelity', 'measure_fidelity']
+__all__ = ['configured_models', 'exact_model', 'gradient_fidelity',
+           'layer_fidelity', 'measure_fidelity']

@@ -1,46 +1,56 @@
-"""Gradient fidelity: the filtered gradients of a model's convs against exact ones.
+"""Gradient fidelity: the gradients training applies against exact ones.
 
-In training passes over real batches, the input and output gradient of every
-gradient-filtered conv are recorded; the filtered input and weight gradients
-of that input and output gradient (what training uses) are then compared with
-the exact ones of the same input and output gradient: cosine similarity and
-relative error. For convs whose taps fall in different patches (dilation of a
-block or more, as in ASPP), the weight gradient that the paper shares between
-all taps of a filter is compared too.
+One definition, used by ``tools/grad_fidelity.py``, the planner's quality
+measure and :class:`~mmgradfilt.hooks.GradientFilterHook`'s monitor: for each
+trained :class:`~mmgradfilt.layers.GradFilterConv2d` and each
+:class:`~mmgradfilt.memory.FilteredBatchNorm2d`, the cosine similarity and
+relative error of its weight gradient (and of its input gradient, where one
+flows) in the model *as configured* (gradient filters, filtered BatchNorms,
+the lean step) against *the exact model*: the same model with every
+approximation off (no filter, exact BatchNorms, ``lean_memory=False``: only
+the config's freezing), with the same weights, on the same batch, with the
+same random draws (dropout). The error of a layer therefore includes what
+the approximations downstream of it (nearer the loss) did to its output
+gradient: a conv behind a filtered BatchNorm of its radius reads below 1 even
+where the conv's own filter, given that already patch-averaged output
+gradient, adds nothing.
 
-With ``filter_norm``, the BatchNorm right after each filtered conv (those that
-``filter_norm=True`` would filter) is recorded too: from its input and output
-gradient, the exact BN backward gives the conv's output gradient (the ``dx``
-of the BN), and the filtered BN
-(:class:`~mmgradfilt.memory.norm.FilteredBatchNorm2d`) another one. The conv
-is measured on both against the same exact conv gradients, and the filtered
-BN's weight and bias gradients against the exact BN's.
+That conv's own error (the filtered gradients of the input and output
+gradient the configured model gave it, against the exact conv backward of
+the same pair: :func:`layer_fidelity`) is kept as a second, labelled figure
+(``own_*``); it is not the fidelity of training.
+
+Both passes are training passes (data preprocessor, loss, backward) run
+through :func:`torch.autograd.grad`, so no ``.grad`` is touched; the random
+number generators and the BatchNorm buffers are restored after each, so a
+training step that follows sees exactly what it would have seen.
 """
-import functools
+import contextlib
+import copy
+import random
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import (Callable, Dict, Iterable, Iterator, List, Optional,
                     Sequence, Tuple)
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import GradFilterConv2d
-from ..memory.norm import filtered_batch_norm, filtered_norm_records
+from ..memory.norm import FilteredBatchNorm2d
 from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
 from ..report import Column, Table, pair_label, radius_bars, save_figure
+from ..surgery import GradientFilterRecipe
 
-METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
-           'shared_weight_cos')
-# with filter_norm: the conv behind the filtered BN, and the BN itself
-CONV_NORM_METRICS = ('filter_norm_weight_cos', 'filter_norm_weight_rel_error',
-                     'filter_norm_input_cos', 'filter_norm_input_rel_error')
-NORM_METRICS = ('norm_weight_cos', 'norm_weight_ratio', 'norm_bias_cos',
-                'norm_bias_ratio')
 IntPair = Tuple[int, int]
+# against the exact model (the headline), then the conv's own error
+METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
+           'bias_cos')
+OWN_METRICS = ('own_weight_cos', 'own_input_cos', 'shared_weight_cos')
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -54,6 +64,8 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
     exact = exact.double()
     return ((approx.double() - exact).norm() / exact.norm()).item()
 
+
+# --- a conv's own error: the same input and output gradient -----------------
 
 def _filtered_grads(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
                     padding: IntPair, dilation: IntPair, radius: IntPair,
@@ -87,9 +99,12 @@ def layer_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
                    radius: Optional[IntPair] = None,
                    exact: Optional[Tuple[Tensor, Tensor]] = None
                    ) -> Dict[str, Optional[float]]:
-    """Filtered (with ``radius``, default the layer's) vs exact gradients of
-    ``layer`` for input ``x`` and output gradient ``grad_out``.
+    """A conv's own error: filtered (with ``radius``, default the layer's)
+    vs exact gradients of ``layer`` for one input ``x`` and output gradient
+    ``grad_out``.
 
+    This is not the fidelity of training (:func:`gradient_fidelity`): it
+    ignores what happened to ``grad_out`` on its way from the loss.
     ``exact`` is :func:`exact_grads` of the same, where already computed.
     ``shared_weight_cos`` is the cosine of the paper's weight gradient (one
     value for all taps of a filter) where the layer's taps fall in different
@@ -116,98 +131,280 @@ def layer_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
     return result
 
 
-def norm_ratio(approx: Tensor, exact: Tensor) -> float:
-    """``|approx| / |exact|`` (Frobenius norms), in float64."""
-    return (approx.double().norm() / exact.double().norm()).item()
+# --- the configured model against the exact one ------------------------------
+
+def filtered_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The layers whose gradients approximate: each
+    :class:`GradFilterConv2d` whose weight trains and each
+    :class:`FilteredBatchNorm2d`, by path, in model order."""
+    return {
+        path: m for path, m in model.named_modules()
+        if (isinstance(m, GradFilterConv2d) and m.weight.requires_grad)
+        or isinstance(m, FilteredBatchNorm2d)
+    }
 
 
-def norm_grads(norm: _BatchNorm, x: Tensor, grad_out: Tensor,
-               batch_stats: bool, radius: Optional[IntPair] = None
-               ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``(dx, dgamma, dbeta)`` of ``norm`` for input ``x`` and output
-    gradient ``grad_out``: of the exact BN, or with ``radius`` of the filtered
-    one; normalizing with the batch's statistics or the running ones, as the
-    layer did (neither updates them). None for a missing affine parameter."""
-    x = x.detach().requires_grad_()
-    params = [None if p is None else p.detach().requires_grad_()
-              for p in (norm.weight, norm.bias)]
-    stats = ((None, None) if batch_stats else
-             (norm.running_mean, norm.running_var))
-    if radius is None:
-        out = F.batch_norm(x, *stats, *params, batch_stats, 0.0, norm.eps)
-    else:
-        out = filtered_batch_norm(x, *params, *stats, 0.0, norm.eps, radius,
-                                  training=batch_stats)
-    leaves = [t for t in (x, *params) if t is not None]
-    grads = iter(torch.autograd.grad(out, leaves, grad_out))
-    return tuple(None if t is None else next(grads) for t in (x, *params))
+def share_weights(model: nn.Module, source: nn.Module) -> None:
+    """Make ``model``'s parameters and buffers the very objects of
+    ``source``'s of the same names (``model`` a copy of ``source`` taken
+    before its surgery, which keeps the names): then one set of weights
+    serves both, whatever loads or trains them later.
+
+    Raises:
+        ValueError: A parameter or buffer of ``source`` that ``model`` lacks.
+    """
+    for kind in ('_parameters', '_buffers'):
+        named = (source.named_parameters if kind == '_parameters' else
+                 source.named_buffers)(remove_duplicate=False)
+        for name, tensor in named:
+            path, _, attr = name.rpartition('.')
+            try:
+                owner = model.get_submodule(path)
+            except AttributeError:
+                owner = None
+            if owner is None or attr not in getattr(owner, kind):
+                raise ValueError(f'{name} of the configured model is not in '
+                                 'the exact one: not a copy of the same model')
+            getattr(owner, kind)[attr] = tensor
 
 
-def _norm_fidelity(layer: GradFilterConv2d, x: Tensor, grad_out: Tensor,
-                   exact: Tuple[Tensor, Tensor], norm: _BatchNorm,
-                   norm_record: Dict, exact_norm: Tuple, radius: IntPair
-                   ) -> Dict[str, Optional[float]]:
-    """:data:`CONV_NORM_METRICS` and :data:`NORM_METRICS` of ``layer`` and
-    the BN after it, filtered with ``radius``, against ``exact`` (the conv's
-    exact gradients) and ``exact_norm`` (the exact BN's)."""
-    filtered = norm_grads(norm, norm_record['input'], norm_record['grad_out'],
-                          norm_record['batch_stats'], radius)
-    # the conv's output gradient with the BN's input gradient swapped for
-    # the filtered BN's
-    conv = layer_fidelity(layer, x, grad_out - exact_norm[0] + filtered[0],
-                          radius, exact)
-    result = {f'filter_norm_{key}': conv[key] for key in METRICS[:4]}
-    for key, got, want in (('weight', filtered[1], exact_norm[1]),
-                           ('bias', filtered[2], exact_norm[2])):
-        result[f'norm_{key}_cos'] = None if want is None else cosine(got, want)
-        result[f'norm_{key}_ratio'] = None if want is None else norm_ratio(
-            got, want)
+def exact_model(model: nn.Module, recipe: GradientFilterRecipe) -> nn.Module:
+    """The exact twin of ``model`` (taken before ``recipe`` is applied to
+    it): a copy with only ``recipe``'s freezing (freeze rules and
+    ``norm_eval``): no gradient filter, no lean step, exact BatchNorms.
+    :func:`measure_fidelity` shares the configured model's weights with it
+    (:func:`share_weights`) before each measurement."""
+    twin = copy.deepcopy(model)
+    recipe.replace(filter_install=(), lean_memory=False,
+                   filter_norm=False).apply(twin)
+    return twin
+
+
+def at_radii(recipe: GradientFilterRecipe, radii: Optional[Sequence[int]]
+             ) -> Dict[Optional[IntPair], GradientFilterRecipe]:
+    """``recipe`` with every filter at each of ``radii`` (by radius pair),
+    else ``recipe`` itself (key None)."""
+    if not radii:
+        return {None: recipe}
+    return {(r, r): recipe.replace(filter_install=tuple(
+        (path, (r, r)) for path, _ in recipe.filter_install)) for r in radii}
+
+
+def configured_models(model: nn.Module,
+                      recipes: Dict[object, GradientFilterRecipe]
+                      ) -> Tuple[nn.Module, Dict[object, nn.Module]]:
+    """The exact twin of ``model`` (:func:`exact_model`) and one copy per
+    recipe with it applied (by the same keys), all sharing one set of
+    weights (the first copy's, frozen as the recipes say); ``model``, which
+    has no surgery yet, is left as it is. The recipes differ in filters and
+    lean settings only: all have the first one's freezing."""
+    exact = exact_model(model, next(iter(recipes.values())))
+    models = {}
+    for key, recipe in recipes.items():
+        models[key] = copy.deepcopy(model)
+        recipe.apply(models[key])
+    first = next(iter(models.values()))
+    for twin in (exact, *models.values()):
+        share_weights(twin, first)
+    return exact, models
+
+
+@contextlib.contextmanager
+def replayed_rng(device: torch.device) -> Iterator[None]:
+    """Run a block with the random number generators (torch's CPU one and
+    ``device``'s, Python's, NumPy's global one) as they were, and set them
+    back afterwards: the block draws what the next code would have drawn,
+    and that code still draws it."""
+    devices = [device.index if device.index is not None else
+               torch.cuda.current_device()] if device.type == 'cuda' else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Set every buffer of ``model`` (BatchNorm running statistics and
+    counts) back to its value and object after the block."""
+    saved = [(module, name, buf, buf.clone())
+             for module in model.modules()
+             for name, buf in module._buffers.items() if buf is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, value in saved:
+                module._buffers[name] = buf
+                buf.copy_(value)
+
+
+@dataclass
+class PassGradients:
+    """What one training pass gave the filtered layers.
+
+    Args:
+        params (dict): Gradient of each parameter, by parameter name.
+        inputs (dict): Gradient of each layer's input, by layer path (only
+            where the input needs one).
+        io (dict): ``(input, output gradient)`` of each filtered conv, by
+            path (with ``keep_io``).
+    """
+    params: Dict[str, Tensor] = field(default_factory=dict)
+    inputs: Dict[str, Tensor] = field(default_factory=dict)
+    io: Dict[str, Tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def training_loss(model: nn.Module, batch: Dict) -> Tensor:
+    """The loss of ``model`` (an OpenMMLab model) on a data loader batch,
+    computed as its ``train_step`` does (without the optimizer wrapper's
+    autocast: in the parameters' precision)."""
+    data = model.data_preprocessor(batch, True)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    return loss
+
+
+def pass_gradients(model: nn.Module, batch: Dict, paths: Iterable[str],
+                   keep_io: bool = False) -> PassGradients:
+    """One training pass of ``model`` on ``batch``: the gradients of the
+    parameters of the modules at ``paths`` and of their inputs.
+
+    Through :func:`torch.autograd.grad` (no ``.grad`` changes), with the
+    random number generators replayed (:func:`replayed_rng`) and the buffers
+    kept (:func:`kept_buffers`): what follows sees neither.
+    """
+    paths = [p for p in paths]
+    modules = {p: model.get_submodule(p) for p in paths}
+    inputs: Dict[str, List[Tensor]] = defaultdict(list)
+    grad_outs: Dict[str, List[Tensor]] = defaultdict(list)
+
+    def record(path, module, args, output):
+        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            inputs[path].append(args[0])
+        if (keep_io and isinstance(module, GradFilterConv2d) and
+                isinstance(output, Tensor) and output.requires_grad):
+            index = len(grad_outs[path])
+            grad_outs[path].append(args[0].detach())
+            output.register_hook(
+                lambda g: grad_outs[path].__setitem__(index, (
+                    grad_outs[path][index], g.detach())))
+
+    handles = [m.register_forward_hook(
+        lambda m, a, o, p=p: record(p, m, a, o)) for p, m in modules.items()]
+    params = {f'{p}.{name}': t for p, m in modules.items()
+              for name, t in m.named_parameters(recurse=False)
+              if t.requires_grad}
+    device = next(model.parameters()).device
+    try:
+        with replayed_rng(device), kept_buffers(model):
+            loss = training_loss(model, batch)
+            wanted = list(params.values()) + [
+                x for xs in inputs.values() for x in xs]
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = iter(grads)
+    result = PassGradients()
+    for name in params:
+        grad = next(grads)
+        if grad is not None:
+            result.params[name] = grad
+    for path, xs in inputs.items():
+        got = [next(grads) for _ in xs]
+        if all(g is not None for g in got):
+            result.inputs[path] = torch.cat([g.flatten() for g in got])
+    for path, pairs in grad_outs.items():
+        if pairs and isinstance(pairs[-1], tuple):  # the last call's
+            result.io[path] = pairs[-1]
     return result
 
 
-class GradientRecorder:
-    """Records, in training passes, the input and output gradient of every
-    :class:`GradFilterConv2d` of ``model`` (the last pass's, by layer name).
+def compare(model: nn.Module, got: PassGradients, exact: PassGradients,
+            own: bool = False) -> List[Dict]:
+    """One row per filtered layer of ``model`` (the configured model) that
+    got a weight or input gradient: its :data:`METRICS` (``got`` against
+    ``exact``), and with ``own`` its conv's :data:`OWN_METRICS`."""
+    rows = []
+    for path, module in filtered_layers(model).items():
+        row = dict(layer=path, **_geometry(module),
+                   **dict.fromkeys(METRICS + OWN_METRICS))
+        for param, key in (('weight', 'weight'), ('bias', 'bias')):
+            name = f'{path}.{param}'
+            if name in got.params and name in exact.params:
+                row[f'{key}_cos'] = cosine(got.params[name],
+                                           exact.params[name])
+                if key == 'weight':
+                    row['weight_rel_error'] = relative_error(
+                        got.params[name], exact.params[name])
+        if isinstance(module, GradFilterConv2d):
+            row['bias_cos'] = None  # the filter leaves it exact
+        if path in got.inputs and path in exact.inputs:
+            row['input_cos'] = cosine(got.inputs[path], exact.inputs[path])
+            row['input_rel_error'] = relative_error(got.inputs[path],
+                                                    exact.inputs[path])
+        if own and path in got.io:
+            x, grad_out = got.io[path]
+            conv = layer_fidelity(module, x, grad_out)
+            row.update(own_weight_cos=conv['weight_cos'],
+                       own_input_cos=(conv['input_cos'] if row['input_cos']
+                                      is not None else None),
+                       shared_weight_cos=conv['shared_weight_cos'])
+        if row['weight_cos'] is not None or row['input_cos'] is not None:
+            rows.append(row)
+    return rows
 
-    With ``norms``, also those of the BatchNorm after each filtered conv that
-    ``filter_norm=True`` would filter (:attr:`norms`: the conv of each, by
-    the norm's path), with whether it normalized with batch statistics.
+
+def _geometry(module: nn.Module) -> Dict:
+    if isinstance(module, GradFilterConv2d):
+        return dict(kind='conv', kernel_size=tuple(module.kernel_size),
+                    stride=tuple(module.stride),
+                    dilation=tuple(module.dilation),
+                    radius=tuple(module.radius))
+    return dict(kind='norm', kernel_size=None, stride=None, dilation=None,
+                radius=tuple(module.radius))
+
+
+def gradient_fidelity(model: nn.Module, exact: nn.Module, batch: Dict,
+                      own: bool = False) -> List[Dict]:
+    """The fidelity of ``model``'s gradients on ``batch``: one row per
+    filtered layer (:func:`filtered_layers`) with its :data:`METRICS`
+    against ``exact`` (:func:`exact_model` of it, whose weights this makes
+    ``model``'s first), both in their current train/eval mode.
+
+    Costs an exact training pass and a configured one (forward and
+    backward, no optimizer step); changes no weight, buffer, ``.grad`` or
+    random state.
     """
+    return measure_fidelity({None: model}, exact, [batch], own=own)[None]
 
-    def __init__(self, model: nn.Module, norms: bool = False) -> None:
-        self.layers = {name: m for name, m in model.named_modules()
-                       if isinstance(m, GradFilterConv2d)}
-        self.norms = {r.path: r.conv for r in filtered_norm_records(model)
-                      if norms and r.status != 'skipped'}
-        self.norm_modules = {path: model.get_submodule(path)
-                             for path in self.norms}
-        self.records: Dict[str, Dict] = {}
-        self._handles: List = []
 
-    def _record(self, name: str, module: nn.Module, inputs: tuple,
-                output: Tensor) -> None:
-        if not output.requires_grad:
-            return
-        entry = self.records[name] = dict(
-            input=inputs[0].detach(), input_grad=inputs[0].requires_grad)
-        if isinstance(module, _BatchNorm):
-            entry['batch_stats'] = module.training or (
-                module.running_mean is None and module.running_var is None)
-        output.register_hook(
-            lambda grad: entry.__setitem__('grad_out', grad.detach()))
-
-    def __enter__(self) -> 'GradientRecorder':
-        self._handles = [
-            module.register_forward_hook(functools.partial(self._record, name))
-            for name, module in (*self.layers.items(),
-                                 *self.norm_modules.items())
-        ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+def measure_fidelity(models: Dict, exact: nn.Module, batches: Iterable[Dict],
+                     own: bool = False,
+                     progress: Callable[[], None] = lambda: None
+                     ) -> Dict[object, List[Dict]]:
+    """:func:`gradient_fidelity` of several configurations of one model (by
+    key, e.g. radius: each a configured copy) on the same ``batches``, each
+    against the same exact pass; per key, one row per layer with the means
+    over the batches (and ``batches``: how many gave it a gradient)."""
+    for model in models.values():
+        share_weights(exact, model)
+    paths = list(dict.fromkeys(
+        p for m in models.values() for p in filtered_layers(m)))
+    samples: Dict[object, Dict[str, List[Dict]]] = {
+        key: defaultdict(list) for key in models}
+    for batch in batches:
+        reference = pass_gradients(exact, batch, paths)
+        for key, model in models.items():
+            got = pass_gradients(model, batch, filtered_layers(model), own)
+            for row in compare(model, got, reference, own):
+                samples[key][row['layer']].append(row)
+        progress()
+    return {key: [_mean_row(rows) for rows in per_layer.values()]
+            for key, per_layer in samples.items()}
 
 
 def _mean(values: List[Optional[float]]) -> Optional[float]:
@@ -215,86 +412,13 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
-def recorded_passes(model: nn.Module, recorder: 'GradientRecorder',
-                    batches: Iterable[Dict]) -> Iterator[Dict]:
-    """One training pass (forward, loss, backward) per batch; yields what
-    ``recorder`` kept of it, layer by layer."""
-    for batch in batches:
-        recorder.records.clear()
-        data = model.data_preprocessor(batch, True)
-        loss, _ = model.parse_losses(model(**data, mode='loss'))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        yield recorder.records
+def _mean_row(rows: List[Dict]) -> Dict:
+    row = dict(rows[-1], batches=len(rows))
+    row.update({m: _mean([r[m] for r in rows]) for m in METRICS + OWN_METRICS})
+    return row
 
 
-def measure_fidelity(model: nn.Module, batches: Iterable[Dict],
-                     radii: Optional[Sequence[int]] = None,
-                     progress: Callable[[], None] = lambda: None,
-                     filter_norm: bool = False) -> List[Dict]:
-    """One row per filtered layer and radius: the layer's geometry and the
-    means over ``batches`` (data loader batches of an OpenMMLab model) of
-    :func:`layer_fidelity`.
-
-    ``radii`` (default: each layer's own) are compared on the same recorded
-    gradients. The input-gradient figures are None for a layer whose input
-    needs no gradient (nothing upstream trains). With ``filter_norm``, a
-    layer followed by a BatchNorm that ``filter_norm=True`` would filter also
-    gets that norm's path (``norm``), its statistics (``norm_stats``:
-    ``'batch'`` or ``'running'``) and the means of :data:`CONV_NORM_METRICS`
-    and :data:`NORM_METRICS` (the BN filtered with the row's radius); these
-    are None elsewhere. Measure a model whose BatchNorms are exact, so that
-    the recorded gradients are those of the exact-BN step.
-    """
-    samples = defaultdict(list)
-    with GradientRecorder(model, norms=filter_norm) as recorder:
-        norm_of = {conv: norm for norm, conv in recorder.norms.items()}
-        for records in recorded_passes(model, recorder, batches):
-            for name, layer in recorder.layers.items():
-                rec = records.get(name, {})
-                if 'grad_out' not in rec:  # its output did not reach the loss
-                    continue
-                x, grad_out = rec['input'], rec['grad_out']
-                exact = exact_grads(layer, x, grad_out)
-                norm_rec = recorder.records.get(norm_of.get(name), {})
-                if 'grad_out' in norm_rec:
-                    norm = recorder.norm_modules[norm_of[name]]
-                    exact_norm = norm_grads(norm, norm_rec['input'],
-                                            norm_rec['grad_out'],
-                                            norm_rec['batch_stats'])
-                pairs = [(r, r) for r in radii] if radii else [layer.radius]
-                for radius in pairs:
-                    result = layer_fidelity(layer, x, grad_out, radius, exact)
-                    result.update(dict.fromkeys(CONV_NORM_METRICS +
-                                                NORM_METRICS))
-                    if 'grad_out' in norm_rec:
-                        result.update(_norm_fidelity(
-                            layer, x, grad_out, exact, norm, norm_rec,
-                            exact_norm, radius))
-                        result['norm'] = norm_of[name]
-                        result['norm_stats'] = ('batch' if
-                                                norm_rec['batch_stats'] else
-                                                'running')
-                    if not rec['input_grad']:
-                        for key in ('input_cos', 'input_rel_error',
-                                    'filter_norm_input_cos',
-                                    'filter_norm_input_rel_error'):
-                            result[key] = None
-                    samples[name, radius].append(result)
-            progress()
-    rows = []
-    for (name, radius), results in samples.items():
-        layer = recorder.layers[name]
-        rows.append(dict(
-            layer=name, kernel_size=tuple(layer.kernel_size),
-            stride=layer.stride, dilation=layer.dilation, radius=radius,
-            batches=len(results),
-            norm=results[-1].get('norm'),
-            norm_stats=results[-1].get('norm_stats'),
-            **{key: _mean([r[key] for r in results])
-               for key in METRICS + CONV_NORM_METRICS + NORM_METRICS}))
-    return rows
-
+# --- tables ------------------------------------------------------------------
 
 FIDELITY_COLUMNS = [
     Column('filtered layer', 'layer'), Column('kernel', 'kernel'),
@@ -303,72 +427,66 @@ FIDELITY_COLUMNS = [
     Column('dW rel err', 'weight_rel_error', '.3f'),
     Column('dx cos', 'input_cos', '.3f'),
     Column('dx rel err', 'input_rel_error', '.3f'),
-    Column('dW cos (taps shared)', 'shared_weight_cos', '.3f'),
-]
-
-FILTER_NORM_COLUMNS = [
-    Column('dW cos, +norm', 'filter_norm_weight_cos', '.3f'),
-    Column('dW rel err, +norm', 'filter_norm_weight_rel_error', '.3f'),
-    Column('dx cos, +norm', 'filter_norm_input_cos', '.3f'),
+    Column('own dW cos', 'own_weight_cos', '.3f'),
+    Column('own dW cos (taps shared)', 'shared_weight_cos', '.3f'),
 ]
 
 NORM_COLUMNS = [
-    Column('BatchNorm', 'norm'), Column('after', 'layer'),
-    Column('statistics', 'norm_stats'), Column('radius', 'radius'),
-    Column('dgamma cos', 'norm_weight_cos', '.3f'),
-    Column('dgamma |f|/|e|', 'norm_weight_ratio', '.3f'),
-    Column('dbeta cos', 'norm_bias_cos', '.3f'),
-    Column('dbeta |f|/|e|', 'norm_bias_ratio', '.3f'),
+    Column('filtered BatchNorm', 'layer'), Column('radius', 'radius'),
+    Column('dgamma cos', 'weight_cos', '.3f'),
+    Column('dgamma rel err', 'weight_rel_error', '.3f'),
+    Column('dbeta cos', 'bias_cos', '.3f'),
+    Column('dx cos', 'input_cos', '.3f'),
+    Column('dx rel err', 'input_rel_error', '.3f'),
 ]
 
 FIDELITY_LEGEND = '\n'.join([
-    'filtered: the gradients GradFilterConv2d computes (what training '
-    'uses); exact: PyTorch\'s conv backward of the same input and output '
-    'gradient',
-    'dW, dx: weight and input gradient; cos: cosine similarity (1: the same '
-    'direction); rel err: |filtered - exact| / |exact|',
-    'dW cos (taps shared): the paper\'s weight gradient, one value for all '
-    'taps of a filter, where the taps fall in different patches',
+    'configured: the model as the config trains it (gradient filters, '
+    'filtered BatchNorms, the lean step); exact: the same model with every '
+    'approximation off (the config\'s freezing only), same weights, same '
+    'batch, same dropout',
+    'dW, dx: weight and input gradient of the configured model against the '
+    'exact one; cos: cosine similarity (1: the same direction); rel err: '
+    '|configured - exact| / |exact|',
+    'own dW cos: the conv\'s own error only: its filtered dW against the '
+    'exact conv backward of the same input and output gradient (what reached '
+    'it, filtered BatchNorms included); not the fidelity of training',
+    'own dW cos (taps shared): the same with the paper\'s weight gradient, '
+    'one value for all taps of a filter, where the taps fall in different '
+    'patches',
     '-: not computed (dx: the layer\'s input needs no gradient; taps shared: '
     'the filtered dW is that one already)',
 ])
 
-FILTER_NORM_LEGEND = '\n'.join([
-    '+norm: the same conv behind a filtered BatchNorm (filter_norm=True), '
-    'from the same BN output gradient; the columns without it are '
-    'filter_norm=False (exact BN); both against the exact conv behind the '
-    'exact BN',
-    'dgamma, dbeta: the filtered BN\'s weight and bias gradients against the '
-    'exact BN\'s; |f|/|e|: the ratio of their norms; statistics: batch '
-    '(training mode) or running (eval mode, e.g. norm_eval=True)',
-    '-: the conv feeds no BatchNorm that filter_norm would filter',
-])
+NORM_LEGEND = ('dgamma, dbeta, dx: the filtered BatchNorm\'s weight, bias '
+               'and input gradients against the exact BatchNorm\'s in the '
+               'exact model')
 
 
-def fidelity_table(rows: Sequence[Dict], filter_norm: bool = False) -> Table:
-    """:func:`measure_fidelity`'s results, printed and as CSV; with
-    ``filter_norm``, the conv's figures behind the filtered BN too."""
-    extra = FILTER_NORM_COLUMNS if filter_norm else []
-    return Table(FIDELITY_COLUMNS + extra, [[
+def fidelity_table(rows: Sequence[Dict]) -> Table:
+    """The filtered convs of :func:`measure_fidelity`'s rows, printed and as
+    CSV."""
+    return Table(FIDELITY_COLUMNS, [[
         r['layer'], 'x'.join(map(str, r['kernel_size'])),
         pair_label(r['dilation']), pair_label(r['radius']),
-        *(r[m] for m in METRICS), *(r[c.name] for c in extra)
-    ] for r in rows])
+        *(r[c.name] for c in FIDELITY_COLUMNS[4:])
+    ] for r in rows if r['kind'] == 'conv'])
 
 
 def norm_fidelity_table(rows: Sequence[Dict]) -> Table:
-    """The filtered BatchNorms' gradients of :func:`measure_fidelity`'s
-    rows (``filter_norm=True``), one per BN and radius."""
+    """The filtered BatchNorms of :func:`measure_fidelity`'s rows."""
     return Table(NORM_COLUMNS, [[
-        r['norm'], r['layer'], r['norm_stats'], pair_label(r['radius']),
-        *(r[m] for m in NORM_METRICS)
-    ] for r in rows if r['norm'] is not None])
+        r['layer'], pair_label(r['radius']),
+        *(r[c.name] for c in NORM_COLUMNS[2:])
+    ] for r in rows if r['kind'] == 'norm'])
 
 
 def plot_fidelity(path: str, rows: Sequence[Dict], title: str) -> None:
-    """Cosine of the filtered and exact weight gradients per layer and radius."""
+    """Cosine of the configured and exact weight gradients per filtered conv
+    and radius."""
+    rows = [r for r in rows if r['kind'] == 'conv']
     fig, ax = radius_bars(rows, 'layer', 'weight_cos')
-    ax.set_ylim(min(0.0, *(r['weight_cos'] for r in rows)), 1.0)
-    ax.set_ylabel('cosine, filtered vs exact weight gradient')
+    ax.set_ylim(min(0.0, *(r['weight_cos'] or 0 for r in rows)), 1.0)
+    ax.set_ylabel('cosine, configured vs exact weight gradient')
     ax.set_title(title, fontsize=9)
     save_figure(fig, path)

@@ -1,50 +1,43 @@
-"""Weight-gradient fidelity of every candidate layer at every radius, from
-one recorded pass per batch of a model that trains them all vanilla."""
-import statistics
-from collections import defaultdict
+"""The planner's quality measure: the weight-gradient fidelity
+(:mod:`.fidelity`) of every candidate layer at every radius."""
 from typing import Callable, Dict, Iterable, Sequence
 
 import torch.nn as nn
 
-from ..layers import GradFilterConv2d
-from .fidelity import (GradientRecorder, exact_grads, layer_fidelity,
-                       recorded_passes)
+from ..surgery import GradientFilterRecipe
+from .fidelity import configured_models, measure_fidelity
 from .plan import IntPair, Layer
 
 
-def layer_cosines(model: nn.Module, layers: Sequence[Layer],
-                  batches: Iterable[Dict],
+def layer_cosines(model: nn.Module, recipe: GradientFilterRecipe,
+                  layers: Sequence[Layer], batches: Iterable[Dict],
                   progress: Callable[[], None] = lambda: None
                   ) -> Dict[str, Dict[IntPair, float]]:
     """``{conv: {radius: mean weight-gradient cosine}}`` over ``batches``.
 
-    ``model`` trains every one of ``layers`` with vanilla back-propagation,
-    so each recorded (input, output gradient) pair is the exact one, not
-    one that filters above it have changed; the filtered weight gradient of
-    that pair at each of the layer's radii is compared with the exact one
-    (:func:`~mmgradfilt.analysis.fidelity.layer_fidelity`).
+    ``recipe`` trains every one of ``layers`` (its freezing; its lean
+    settings; no filter); ``model`` has no surgery yet and is left as it is.
+    For each radius, a copy of ``model`` filters every layer whose patch
+    fits at that radius (and, with the recipe's ``filter_norm``, their
+    BatchNorms) and is measured against the exact model on the same batches
+    (:func:`~mmgradfilt.analysis.fidelity.measure_fidelity`, the definition
+    ``tools/grad_fidelity.py`` prints): a layer's figure includes what the
+    filters between it and the loss did to its output gradient, as in a
+    plan that filters those layers at that radius too.
     """
-    recorder = GradientRecorder(model)
-    # the candidates are plain convs: record them, and compare through
-    # filtered twins that share their weights
-    recorder.layers = {layer.path: model.get_submodule(layer.path)
-                       for layer in layers if layer.radii}
-    twins = {path: GradFilterConv2d.from_conv(conv, 1)
-             for path, conv in recorder.layers.items()}
-    radii = {layer.path: layer.radii for layer in layers}
-    samples = defaultdict(list)
-    with recorder:
-        for records in recorded_passes(model, recorder, batches):
-            for path, rec in records.items():
-                if 'grad_out' not in rec:  # its output did not reach the loss
-                    continue
-                twin, x, grad_out = twins[path], rec['input'], rec['grad_out']
-                exact = exact_grads(twin, x, grad_out)
-                for radius in radii[path]:
-                    samples[path, radius].append(layer_fidelity(
-                        twin, x, grad_out, radius, exact)['weight_cos'])
-            progress()
-    cosines: Dict[str, Dict[IntPair, float]] = defaultdict(dict)
-    for (path, radius), values in samples.items():
-        cosines[path][radius] = statistics.fmean(values)
-    return dict(cosines)
+    radii = list(dict.fromkeys(r for layer in layers for r in layer.radii))
+    if not radii:
+        return {}
+    exact, models = configured_models(model, {
+        radius: recipe.replace(filter_install=tuple(
+            (layer.path, radius) for layer in layers if radius in layer.radii))
+        for radius in radii})
+    results = measure_fidelity(models, exact, batches, progress=progress)
+    cosines: Dict[str, Dict[IntPair, float]] = {}
+    for radius, rows in results.items():
+        for row in rows:
+            if row['kind'] == 'conv' and row['weight_cos'] is not None:
+                cosines.setdefault(row['layer'], {})[radius] = \
+                    row['weight_cos']
+    return cosines
+

@@ -9,16 +9,19 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.runner import load_checkpoint
 
 from ..hooks.pretrained_check_hook import (CHECKPOINT_HINT,
+                                           PretrainedCheckHook,
                                            missing_checkpoints_error,
                                            pretrained_checkpoints)
 
 
 def checkpoint_hint(cfg: Config) -> str:
     """How to obtain a missing checkpoint: the hint of the config's
-    ``PretrainedCheckHook``, else the default one."""
+    ``PretrainedCheckHook`` (what its training run would say), else the
+    default one."""
     for hook in [*cfg.get('default_hooks', {}).values(),
                  *cfg.get('custom_hooks', [])]:
-        if isinstance(hook, dict) and hook.get('type') == 'PretrainedCheckHook':
+        if isinstance(hook, dict) and hook.get('type') in (
+                'PretrainedCheckHook', PretrainedCheckHook):
             return hook.get('hint', CHECKPOINT_HINT)
     return CHECKPOINT_HINT
 

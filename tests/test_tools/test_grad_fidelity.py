@@ -1,5 +1,6 @@
-"""Gradient fidelity: ``mmgradfilt.analysis.fidelity`` and
-tools/grad_fidelity.py on the demo config."""
+"""Gradient fidelity: a conv's own error (``layer_fidelity``), what is
+reported, and tools/grad_fidelity.py on the demo config (the definition
+itself is checked against autograd in tests/test_analysis/test_fidelity.py)."""
 import csv
 import json
 import subprocess
@@ -13,11 +14,11 @@ import torch.nn.functional as F
 
 from mmengine.model import BaseModel
 
-from mmgradfilt.analysis.fidelity import (CONV_NORM_METRICS, METRICS,
-                                          NORM_METRICS, GradientRecorder,
-                                          cosine, layer_fidelity,
-                                          measure_fidelity, relative_error)
+from mmgradfilt.analysis.fidelity import (configured_models, cosine,
+                                          layer_fidelity, measure_fidelity,
+                                          relative_error)
 from mmgradfilt.layers import GradFilterConv2d
+from mmgradfilt.surgery import GradientFilterRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 FILT = (ROOT / 'configs' / 'demo_seg' /
@@ -87,36 +88,13 @@ def test_undilated_conv_has_no_shared_variant():
     assert 0.5 < result['weight_cos'] < 1
 
 
-def test_recorder_keeps_input_and_output_grad_of_trained_layers():
-    torch.manual_seed(0)
-    trained = GradFilterConv2d(3, 4, 3, padding=1, radius=2)
-    frozen = GradFilterConv2d(4, 4, 3, padding=1, radius=2)
-    frozen.requires_grad_(False)
-    # the frozen layer comes last: its input needs a gradient, so it is
-    # recorded too; a frozen first layer's output needs none
-    first_frozen = GradFilterConv2d(3, 3, 1, radius=2).requires_grad_(False)
-    model = nn.Sequential(first_frozen, trained, frozen)
-    x = torch.randn(1, 3, 8, 8)
-    with GradientRecorder(model) as recorder:
-        out = model(x)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-    assert set(recorder.records) == {'1', '2'}
-    assert torch.equal(recorder.records['2']['grad_out'], grad)
-    assert recorder.records['1']['input_grad'] is False
-    assert recorder.records['2']['input_grad'] is True
-    # hooks are gone after the block
-    model(x).sum().backward()
-    assert all(not layer._forward_hooks for layer in model)
-
-
 class TwoBranchModel(BaseModel):
-    """An MMEngine model whose loss uses one of its two filtered convs."""
+    """An MMEngine model whose loss uses one of its two convs."""
 
     def __init__(self):
         super().__init__()
-        self.used = GradFilterConv2d(3, 4, 3, padding=2, dilation=2, radius=2)
-        self.unused = GradFilterConv2d(3, 4, 3, padding=1, radius=2)
+        self.used = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.unused = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, inputs, data_samples=None, mode='loss'):
         self.unused(inputs)
@@ -126,94 +104,32 @@ class TwoBranchModel(BaseModel):
 def test_measure_fidelity_per_layer_and_radius():
     torch.manual_seed(0)
     model = TwoBranchModel()
+    exact, models = configured_models(model, {
+        r: GradientFilterRecipe(filter_install=[
+            dict(path='used', radius=r), dict(path='unused', radius=r)])
+        for r in (2, 4)})
     batches = [dict(inputs=torch.randn(2, 3, 16, 16)) for _ in range(3)]
     calls = []
-    rows = measure_fidelity(model, batches, radii=[2, 4],
-                            progress=lambda: calls.append(1))
+    results = measure_fidelity(models, exact, batches, own=True,
+                               progress=lambda: calls.append(1))
     assert len(calls) == 3
-    # the unused conv got no output gradient: nothing to compare
+    # the unused conv got no gradient from the loss: nothing to compare
+    rows = [row for r in (2, 4) for row in results[r]]
     assert [(r['layer'], r['radius']) for r in rows] == [('used', (2, 2)),
                                                          ('used', (4, 4))]
     assert all(r['batches'] == 3 for r in rows)
     # the input is data: no input gradient in training, none reported
     assert all(r['input_cos'] is None for r in rows)
+    # the loss reads the conv's output directly: its output gradient is the
+    # exact one, so its own error is all there is
+    for row in rows:
+        assert row['own_weight_cos'] == pytest.approx(row['weight_cos'],
+                                                      abs=1e-6)
     # taps 2 pixels apart fall in different 2x2 patches (a shared variant to
     # compare) and are summed on the 4x4 grid (none)
     assert rows[0]['shared_weight_cos'] is not None
     assert rows[1]['shared_weight_cos'] is None
     assert all(p.grad is None for p in model.parameters())
-
-
-class ConvBNModel(BaseModel):
-    """filtered conv -> BatchNorm -> ReLU -> filtered conv, in float64."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            GradFilterConv2d(3, 4, 3, padding=1, radius=2), nn.BatchNorm2d(4),
-            nn.ReLU(), GradFilterConv2d(4, 2, 3, padding=1, radius=2)).double()
-
-    def forward(self, inputs, data_samples=None, mode='loss'):
-        return dict(loss=self.body(inputs).pow(2).mean())
-
-
-def conv_bn_rows(eval_norm: bool, filter_norm: bool = True):
-    torch.manual_seed(0)
-    model = ConvBNModel()
-    batches = [dict(inputs=smooth_field(2, 3, 12, 10, width=3))
-               for _ in range(2)]
-    if eval_norm:
-        # running statistics of these batches, as under norm_eval=True
-        model.body[1].momentum = None
-        with torch.no_grad():
-            for batch in batches:
-                model.body[:2](batch['inputs'])
-        model.body[1].eval()
-    return measure_fidelity(model, batches, radii=[1, 2],
-                            filter_norm=filter_norm)
-
-
-@pytest.mark.parametrize('eval_norm', [False, True])
-def test_measure_fidelity_with_filter_norm(eval_norm):
-    rows = {(r['layer'], r['radius'][0]): r for r in conv_bn_rows(eval_norm)}
-    plain = {(r['layer'], r['radius'][0]): r
-             for r in conv_bn_rows(eval_norm, filter_norm=False)}
-    # the same measure of the conv with the exact BN as without filter_norm
-    assert rows.keys() == plain.keys()
-    for key, row in rows.items():
-        for metric in METRICS:
-            want = plain[key][metric]
-            assert row[metric] == (None if want is None else pytest.approx(
-                want, rel=1e-12)), (key, metric)
-        assert all(plain[key][m] is None
-                   for m in CONV_NORM_METRICS + NORM_METRICS)
-    # the last conv feeds no BatchNorm
-    for radius in (1, 2):
-        last = rows['body.3', radius]
-        assert last['norm'] is None
-        assert all(last[m] is None for m in CONV_NORM_METRICS + NORM_METRICS)
-    first = rows['body.0', 2]
-    assert first['norm'] == 'body.1'
-    assert first['norm_stats'] == ('running' if eval_norm else 'batch')
-    # the data needs no gradient
-    assert first['filter_norm_input_cos'] is None
-    # radius 1 filters nothing: BN and conv exact
-    exact = rows['body.0', 1]
-    for metric in ('weight_cos', 'filter_norm_weight_cos', 'norm_weight_cos',
-                   'norm_weight_ratio', 'norm_bias_cos', 'norm_bias_ratio'):
-        assert exact[metric] == pytest.approx(1, abs=1e-12), metric
-    # radius 2: dbeta exact, dgamma from patch means
-    assert first['norm_bias_cos'] == pytest.approx(1, abs=1e-12)
-    assert first['norm_bias_ratio'] == pytest.approx(1, abs=1e-12)
-    assert 0 < first['norm_weight_cos'] < 1 - 1e-6
-    if eval_norm:
-        # eval-mode dx is exact: the conv sees what the exact BN gives it
-        assert first['filter_norm_weight_cos'] == pytest.approx(
-            first['weight_cos'], rel=1e-12)
-    else:
-        assert first['filter_norm_weight_cos'] != pytest.approx(
-            first['weight_cos'], rel=1e-9)
-        assert 0 < first['filter_norm_weight_cos'] < 1
 
 
 def run_tool(*args):
@@ -247,21 +163,35 @@ def test_tool_on_demo_config(tmp_path):
     proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
                     '2', '--radius', '2', '4', '--out', str(out), *options)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'dW cos (taps shared)' in proc.stdout
-    assert 'exact: PyTorch\'s conv backward' in proc.stdout  # the legend
+    assert 'own dW cos (taps shared)' in proc.stdout
+    assert 'dgamma cos' in proc.stdout  # filter_norm is on by default
+    assert 'exact: the same model with every approximation off' in \
+        proc.stdout  # the legend
     for noise in NOISE:
         assert noise not in proc.stdout + proc.stderr, noise
     saved = json.loads((out / 'fidelity.json').read_text())
+    assert saved['recipe']['lean_memory'] is True
     rows = {(row['layer'], row['radius'][0]): row for row in saved['layers']}
-    names = {'decode_head.bottleneck.conv',
+    convs = {'decode_head.bottleneck.conv',
              *(f'decode_head.aspp_modules.{i}.conv' for i in range(4))}
-    assert set(rows) == {(name, r) for name in names for r in (2, 4)}
+    # each filtered ConvModule's own BatchNorm is filtered too
+    norms = {name[:-len('conv')] + 'bn' for name in convs}
+    assert set(rows) == {(name, r) for name in convs | norms for r in (2, 4)}
     for (name, radius), row in rows.items():
         assert row['batches'] == 2
-        assert -1 <= row['weight_cos'] <= 1
+        assert row['kind'] == ('conv' if name in convs else 'norm')
+        # against the exact model, none is exact, not even the convs whose
+        # own filter loses nothing behind a BatchNorm filtered at r=2
+        assert -1 <= row['weight_cos'] < 0.9999, (name, radius)
+        if name in norms:
+            continue
         # taps in different patches (a grid dilation of 1 or more) only
         dilated = round(row['dilation'][0] / radius) >= 1
         assert (row['shared_weight_cos'] is not None) == dilated, name
+    # the 1x1 conv behind a BatchNorm filtered at r=2 gets a patch-constant
+    # output gradient: its own error is nil, its fidelity is not
+    aspp0 = rows['decode_head.aspp_modules.0.conv', 2]
+    assert aspp0['own_weight_cos'] == pytest.approx(1, abs=1e-5)
     # dilation 2: taps in different 2x2 patches, in the same 4x4 patch
     assert rows['decode_head.aspp_modules.1.conv', 4]['shared_weight_cos'] \
         is None
@@ -273,6 +203,8 @@ def test_tool_on_demo_config(tmp_path):
     for row in table:  # numbers, empty where not computed
         assert -1 <= float(row['weight_cos']) <= 1
         assert row['input_cos'] == '' or float(row['input_cos']) <= 1
+    norm_table = list(csv.DictReader((out / 'norm_fidelity.csv').open()))
+    assert {row['layer'] for row in norm_table} == norms
     assert (out / 'fidelity.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     missing = tmp_path / 'nope.pth'
@@ -297,28 +229,36 @@ def test_tool_on_demo_config(tmp_path):
     assert 'tools/dataset_converters/digits_seg.py' in proc.stderr
 
 
-def test_tool_filter_norm_on_demo_config(tmp_path):
+def test_tool_with_exact_batchnorms(tmp_path):
     _, checkpoint, options = demo_inputs(tmp_path)
     out = tmp_path / 'out'
     proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
-                    '1', '--filter-norm', '--out', str(out), *options)
+                    '1', '--out', str(out), *options,
+                    'custom_hooks.0.filter_norm=False')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'dgamma cos' in proc.stdout and 'dW cos, +norm' in proc.stdout
-    assert '+norm: the same conv behind a filtered BatchNorm' in proc.stdout
+    assert 'dgamma cos' not in proc.stdout
+    assert not (out / 'norm_fidelity.csv').exists()
     saved = json.loads((out / 'fidelity.json').read_text())
-    assert saved['filter_norm'] is True
-    for row in saved['layers']:
-        # each filtered ConvModule's own BN, in training mode
-        assert row['norm'] == row['layer'][:-len('conv')] + 'bn'
-        assert row['norm_stats'] == 'batch'
-        assert row['norm_bias_cos'] == pytest.approx(1, abs=1e-6)
-        assert -1 <= row['filter_norm_weight_cos'] <= 1
-    conv_csv = list(csv.DictReader((out / 'fidelity.csv').open()))
-    assert len(conv_csv) == 5 and 'filter_norm_weight_cos' in conv_csv[0]
-    norm_csv = list(csv.DictReader((out / 'norm_fidelity.csv').open()))
-    assert [row['norm'] for row in norm_csv] == [
-        row['norm'] for row in saved['layers']]
-    assert all(-1 <= float(row['norm_weight_cos']) <= 1 for row in norm_csv)
+    assert saved['recipe']['filter_norm'] is False
+    rows = {row['layer']: row for row in saved['layers']}
+    assert len(rows) == 5 and all(r['kind'] == 'conv' for r in rows.values())
+    # the last filtered conv's output gradient comes exact from the loss:
+    # its own error is its fidelity; the ASPP's come through its filtered
+    # input gradient
+    last = rows['decode_head.bottleneck.conv']
+    assert last['own_weight_cos'] == pytest.approx(last['weight_cos'],
+                                                   abs=1e-4)
+    aspp = rows['decode_head.aspp_modules.2.conv']
+    assert aspp['own_weight_cos'] != pytest.approx(aspp['weight_cos'],
+                                                   abs=1e-4)
+
+    # --filter-norm puts the filtered BatchNorms back
+    proc = run_tool(str(FILT), '--checkpoint', str(checkpoint), '--batches',
+                    '1', '--filter-norm', '--out', str(out), *options,
+                    'custom_hooks.0.filter_norm=False')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / 'fidelity.json').read_text())
+    assert sum(r['kind'] == 'norm' for r in saved['layers']) == 5
 
 
 def test_missing_demo_checkpoint_names_the_command(tmp_path):
