@@ -15,7 +15,18 @@ DIGITS_SEG_SPLITS: Dict[str, tuple] = {
     'shift_train': ('target', 300),
     'shift_val': ('target', 100),
 }
-MAKE_COMMAND = 'python tools/dataset_converters/digits_seg.py'
+#: The converter that writes the data, a script of the repository.
+CONVERTER = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
+    'dataset_converters', 'digits_seg.py')
+
+
+def make_command() -> str:
+    """The converter's command line as typed in the working directory: its
+    path relative to it when it lies under it, else absolute."""
+    relative = osp.relpath(CONVERTER)
+    return 'python ' + (CONVERTER if relative.startswith(os.pardir) else
+                        relative)
 
 
 @DATASETS.register_module()
@@ -54,7 +65,7 @@ class DigitsSegDataset(BaseSegDataset):
             if folder and not osp.isdir(folder):
                 raise FileNotFoundError(
                     f'DigitsSegDataset: "{folder}" does not exist. Build the '
-                    f'demo data (offline, seconds) with `{MAKE_COMMAND} '
+                    f'demo data (offline, seconds) with `{make_command()} '
                     f'{self.data_root or "<data_root>"}`.')
         return super().load_data_list()
 

@@ -1,8 +1,10 @@
 import glob
+import os
 import os.path as osp
 from typing import List, Optional, Tuple
 
 import torch.nn as nn
+from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -28,34 +30,98 @@ def pretrained_checkpoints(model: nn.Module) -> List[Tuple[str, str]]:
     return found
 
 
+REPO_ROOT = osp.dirname(
+    osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it,
+    else absolute: what a command typed here can use."""
+    path = osp.abspath(path)
+    relative = osp.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def kept_checkpoints(cfg: Config) -> List[str]:
+    """The checkpoint files (``iter_N.pth``/``epoch_N.pth``) that training
+    ``cfg`` leaves behind, by its ``CheckpointHook``'s ``interval``,
+    ``max_keep_ckpts`` and ``save_last`` and the training loop's length;
+    empty where the config does not say (no checkpoint hook, a length the
+    hook does not count in)."""
+    hook = cfg.get('default_hooks', {}).get('checkpoint')
+    train_cfg = cfg.get('train_cfg') or {}
+    if not isinstance(hook, dict) or not hook.get('interval', -1) > 0:
+        return []
+    by_epoch = hook.get('by_epoch', True)
+    length = train_cfg.get('max_epochs' if by_epoch else 'max_iters')
+    if not isinstance(length, int) or length < 1:
+        return []
+    steps = list(range(hook['interval'], length + 1, hook['interval']))
+    if hook.get('save_last', True) and length not in steps:
+        steps.append(length)
+    keep = hook.get('max_keep_ckpts', -1)
+    if keep > 0:
+        steps = steps[-keep:]
+    template = hook.get('filename_tmpl') or (
+        'epoch_{}.pth' if by_epoch else 'iter_{}.pth')
+    return [template.format(step) for step in steps]
+
+
+def _maker(path: str) -> Optional[str]:
+    """What writes ``path``, when it is a checkpoint that training one of
+    this repository's configs leaves in ``<folder>/<config name>/``: the
+    commands, or the file that config writes there (a typo's likely
+    target); None when no config is named so."""
+    folder = osp.basename(osp.dirname(osp.abspath(path)))
+    configs = glob.glob(
+        osp.join(REPO_ROOT, 'configs', '**', folder + '.py'), recursive=True)
+    if not folder or not configs:
+        return None
+    config = configs[0]
+    try:
+        cfg = Config.fromfile(config)
+    except Exception:  # a config that does not load names nothing
+        return None
+    kept = kept_checkpoints(cfg)
+    out_dir = kept and cfg.default_hooks.checkpoint.get('out_dir')
+    written = osp.join(out_dir or 'work_dirs', folder)
+    if osp.basename(path) not in kept:
+        if not kept:
+            return None
+        return (f'no such file; {_shown(config)} writes '
+                f'{osp.join(written, kept[-1])}, not this name')
+    commands = [f'python {_shown(osp.join(REPO_ROOT, "tools", "train.py"))} '
+                f'{_shown(config)}']
+    if (osp.basename(osp.dirname(config)) == 'demo_seg'
+            and osp.abspath(os.getcwd()) == REPO_ROOT):
+        commands.insert(0, 'make demo')  # with the demo's data
+    text = 'written by ' + ' or '.join(f'`{c}`' for c in commands)
+    written = osp.join(written, osp.basename(path))
+    if osp.abspath(written) != osp.abspath(path):
+        text += f' as {written}, not at this path'
+    return text
+
+
 def missing_checkpoints_error(wanted: List[Tuple[str, str]],
                               hint: str) -> Optional[FileNotFoundError]:
     """An error naming the local files of ``(what, checkpoint)`` pairs that
     do not exist, or None; remote ones (``scheme://``) are left to MMEngine.
 
-    A missing ``<folder>/<config name>/<file>``, as a config of this
-    repository's ``configs/`` writes it, comes with the command that trains
-    that config (``make demo`` for the segmentation demo's).
+    A missing ``<folder>/<config name>/<file>`` that training a config of
+    this repository's ``configs/`` leaves behind comes with the command that
+    trains it (``make demo`` too for the segmentation demo's, from the
+    repository's root); another file in such a folder (a typo) with the
+    name that config does write.
     """
     missing = [(what, path) for what, path in wanted
                if '://' not in path and not osp.isfile(osp.expanduser(path))]
     if not missing:
         return None
-    configs = osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-        'configs')
     described = []
     for what, path in missing:
-        text = f'"{path}" (set by {what})'
-        folder = osp.basename(osp.dirname(path))
-        makers = (glob.glob(osp.join(configs, '**', folder + '.py'),
-                            recursive=True) if folder else [])
-        if makers:
-            commands = [f'python tools/train.py {osp.relpath(makers[0])}']
-            if osp.basename(osp.dirname(makers[0])) == 'demo_seg':
-                commands.insert(0, 'make demo')  # with the demo's data
-            text += ', written by ' + ' or '.join(f'`{c}`' for c in commands)
-        described.append(text)
+        maker = _maker(osp.expanduser(path))
+        described.append(f'"{path}" (set by {what})' +
+                         (f', {maker}' if maker else ''))
     return FileNotFoundError('Missing checkpoint(s): ' + '; '.join(described) +
                              f'. {hint}')
 

@@ -15,6 +15,8 @@ from mmengine.runner import Runner
 mmseg = pytest.importorskip('mmseg', reason='needs MMSegmentation')
 
 from mmgradfilt.datasets import make_digits_seg  # noqa: E402
+from mmgradfilt.hooks.pretrained_check_hook import \
+    missing_checkpoints_error  # noqa: E402
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..', '..'))
 DEMO = osp.join(ROOT, 'configs', 'demo_seg', 'deeplabv3_r18-tiny-d8_{}.py')
@@ -105,6 +107,56 @@ def test_missing_load_from(data_root, tmp_path, monkeypatch):
                  *data_options(data_root), f'load_from={missing}')
     assert f'"{missing}" (set by load_from)' in str(err.value)
     assert 'checkpoints/README.md' in str(err.value)
+
+
+def test_missing_checkpoint_names_a_command_only_for_a_file_it_writes(
+        tmp_path, monkeypatch):
+    # a command is named for the file its config's CheckpointHook leaves
+    # (the last iteration's, in out_dir/<config name>/), nothing for a typo
+    name = osp.basename(CALIB)[:-len('.py')]
+    monkeypatch.chdir(ROOT)
+    folder = osp.join('checkpoints', name)
+    typo = osp.join(folder, 'iter_100.pth')
+    message = str(missing_checkpoints_error([('load_from', typo)], 'Hint.'))
+    assert message == (
+        f'Missing checkpoint(s): "{typo}" (set by load_from), no such file; '
+        f'configs/demo_seg/{name}.py writes {folder}/iter_1000.pth, not this '
+        'name. Hint.')
+    right = osp.join(folder, 'iter_1000.pth')
+    if not osp.exists(right):  # made by `make demo` in this clone
+        message = str(missing_checkpoints_error([('load_from', right)], 'H.'))
+        assert message == (
+            f'Missing checkpoint(s): "{right}" (set by load_from), written by '
+            f'`make demo` or `python tools/train.py configs/demo_seg/{name}.py`'
+            '. H.')
+    # the same name in another folder: where the command puts it
+    elsewhere = str(tmp_path / name / 'iter_1000.pth')
+    message = str(missing_checkpoints_error([('load_from', elsewhere)], 'H.'))
+    assert message.endswith(
+        f'{name}.py` as {right}, not at this path. H.')
+
+    # from another directory: paths that work from there, and no `make demo`
+    # (it writes inside the repository)
+    monkeypatch.chdir(tmp_path)
+    message = str(missing_checkpoints_error([('load_from', right)], 'H.'))
+    assert message == (
+        f'Missing checkpoint(s): "{right}" (set by load_from), written by '
+        f'`python {ROOT}/tools/train.py {CALIB}`. H.')
+    # epoch-based: MMPretrain's demo pretraining keeps its last epoch only
+    pretrain = 'resnet18_pretrain_1xb32-10e_digits-user0'
+    kept = osp.join('work_dirs', pretrain, 'epoch_10.pth')
+    message = str(missing_checkpoints_error(
+        [('load_from', kept), ('load_from', kept.replace('_10', '_9'))], 'H.'))
+    assert message == (
+        f'Missing checkpoint(s): "{kept}" (set by load_from), written by '
+        f'`python {ROOT}/tools/train.py {ROOT}/configs/demo_cls/{pretrain}.py`'
+        f'; "{kept.replace("_10", "_9")}" (set by load_from), no such file; '
+        f'{ROOT}/configs/demo_cls/{pretrain}.py writes {kept}, not this '
+        'name. H.')
+    assert missing_checkpoints_error(
+        [('load_from', 'nowhere/iter_1.pth')], 'H.').args == (
+            'Missing checkpoint(s): "nowhere/iter_1.pth" (set by load_from). '
+            'H.', )
 
 
 def test_missing_pretrained_backbone(data_root, tmp_path):
