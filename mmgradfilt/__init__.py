@@ -7,7 +7,7 @@ from .version import __version__
 # isort: split
 from . import checkpoint  # noqa: F401  (registers the local loader)
 from . import datasets  # noqa: F401  (registers those of installed toolboxes)
-from .hooks import GradientFilterHook
+from .hooks import FrozenFeatureCacheHook, GradientFilterHook
 from .layers import GradFilterConv2d
 from .ops import grad_filter_conv2d
 from .surgery import freeze_layers, install_gradient_filter
@@ -16,6 +16,7 @@ if importlib.util.find_spec('mmpretrain'):
     from . import models  # noqa: F401  (MCUNet in mmpretrain's MODELS)
 
 __all__ = [
-    'GradFilterConv2d', 'GradientFilterHook', 'grad_filter_conv2d',
-    'install_gradient_filter', 'freeze_layers', '__version__'
+    'FrozenFeatureCacheHook', 'GradFilterConv2d', 'GradientFilterHook',
+    'grad_filter_conv2d', 'install_gradient_filter', 'freeze_layers',
+    '__version__'
 ]

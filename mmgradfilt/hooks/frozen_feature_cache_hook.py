@@ -1,0 +1,366 @@
+import hashlib
+import json
+import logging
+import os
+import os.path as osp
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from mmengine.dist import barrier, get_rank
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop
+
+from ..cache import FeatureStore
+from ..datasets.views import dataset_fingerprint, with_views
+from ..frontier import Capture, Frontier, find_frontier
+from ..report import MB, format_table
+
+DTYPES = ('float16', 'float32', 'int8')
+NAME = 'FrozenFeatureCacheHook'
+
+
+@dataclass
+class _Pass:
+    """Counts of one pass over the data (an epoch)."""
+    hits: int = 0  # samples whose frontier was read
+    misses: int = 0  # samples computed (and stored when they fit)
+
+
+@dataclass
+class _Step:
+    """What the next training step does."""
+    indices: List[int]
+    tensors: Optional[List[torch.Tensor]] = None  # replay these
+    missing: List[int] = field(default_factory=list)  # or capture, store these
+    capture: Optional[Capture] = None
+
+
+@HOOKS.register_module()
+class FrozenFeatureCacheHook(Hook):
+    """Train from stored outputs of the frozen part instead of recomputing
+    them.
+
+    At the first training iteration the hook finds the *frontier* of the
+    model as trained (:func:`mmgradfilt.frontier.find_frontier`: the tensors
+    the frozen part hands to the trained part) on that real batch. A step
+    whose samples all have a valid entry in the store runs from the stored
+    frontier tensors and skips the frozen part upstream of it; any other step
+    runs the whole model, and the missing samples' frontier tensors are
+    stored after it. The training pipeline's randomness is seeded by
+    ``(seed, sample, view)`` (:func:`mmgradfilt.datasets.views.with_views`),
+    so a stored entry is the output of the same augmented sample. Validation
+    and testing run the whole model; checkpoints do not change.
+
+    The store (:class:`mmgradfilt.cache.FeatureStore`) is kept under
+    ``<cache_dir>/frozen_feature_cache`` and keyed on the frozen part's
+    weights and structure, the frontier, the training dataset (its config
+    with the pipeline, its files), the data preprocessor's config, ``dtype``,
+    ``views`` and ``seed``: anything else rebuilds it, with a log line. A run
+    killed and started again reuses the entries it completed.
+
+    Args:
+        views (int): Augmented views stored per sample; each pass over the
+            data draws one of them per sample. With a deterministic pipeline
+            ``views=1`` is exact. Defaults to 1.
+        dtype (str): Storage dtype: 'float16', 'float32' (exact) or 'int8'
+            (per-channel scales). Defaults to 'float16'.
+        max_memory_mb (float, optional): Entries kept in RAM up to this size,
+            the rest read from memory-mapped files. Defaults to None: a
+            quarter of the available memory.
+        cache_dir (str, optional): Folder of the store. Defaults to None: the
+            run's ``work_dir``.
+        max_disk_mb (float, optional): Bound of the store on disk; entries
+            beyond it are computed as without the hook. Defaults to None: no
+            bound.
+        seed (int): Seed of the views. Defaults to 0.
+    """
+
+    # after GradientFilterHook ('VERY_HIGH'): the model is frozen then
+    priority = 'HIGH'
+
+    def __init__(self,
+                 views: int = 1,
+                 dtype: str = 'float16',
+                 max_memory_mb: Optional[float] = None,
+                 cache_dir: Optional[str] = None,
+                 max_disk_mb: Optional[float] = None,
+                 seed: int = 0) -> None:
+        for name, value in (('views', views), ('seed', seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f'{NAME}: {name} must be an int, got '
+                                f'{value!r}')
+        if views < 1:
+            raise ValueError(f'{NAME}: views must be a positive int, got '
+                             f'{views!r}')
+        if seed < 0:
+            raise ValueError(f'{NAME}: seed must be >= 0, got {seed!r}')
+        if dtype not in DTYPES:
+            raise ValueError(f'{NAME}: dtype must be one of {DTYPES}, got '
+                             f'{dtype!r}')
+        for name, value in (('max_memory_mb', max_memory_mb),
+                            ('max_disk_mb', max_disk_mb)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f'{NAME}: {name} must be a number or None, '
+                                f'got {value!r}')
+            if not value > 0:
+                raise ValueError(f'{NAME}: {name} must be > 0, got {value!r}')
+        if cache_dir is not None:
+            if not isinstance(cache_dir, str):
+                raise TypeError(f'{NAME}: cache_dir must be a str or None, '
+                                f'got {cache_dir!r}')
+            _check_writable(cache_dir)
+        self.views = views
+        self.dtype = dtype
+        self.max_memory_mb = max_memory_mb
+        self.cache_dir = cache_dir
+        self.max_disk_mb = max_disk_mb
+        self.seed = seed
+        self.enabled = True
+        self.frontier: Optional[Frontier] = None
+        self.store: Optional[FeatureStore] = None
+        self.root: Optional[str] = None
+        self._dataset = None
+        self._train_step = None
+        self._step: Optional[_Step] = None
+        self._pass = _Pass()
+        self._total = _Pass()
+        self._frozen_seconds = 0.0  # of the samples computed
+        self._iters_in_pass = 0
+
+    def before_run(self, runner) -> None:
+        """Check that the cache folder (default: the work_dir) can be
+        written."""
+        self.root = osp.join(self.cache_dir or runner.work_dir,
+                             'frozen_feature_cache')
+        _check_writable(self.root)
+
+    def before_train(self, runner) -> None:
+        """Serve the training data as views and run the training steps
+        through the cache."""
+        model = _unwrap(runner.model)
+        trains = [p.requires_grad for p in model.parameters()]
+        if all(trains) or not any(trains):
+            self._disable(runner, 'nothing is frozen' if all(trains) else
+                          'nothing trains')
+            return
+        loop = runner.train_loop
+        self._dataset = loop.dataloader.dataset
+        loop.dataloader = with_views(loop.dataloader, self.views, self.seed)
+        if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop
+            loop.dataloader_iterator = type(loop.dataloader_iterator)(
+                loop.dataloader)
+        self._train_step = runner.model.train_step
+        runner.model.train_step = self._cached_train_step
+
+    def before_train_iter(self, runner, batch_idx: int,
+                          data_batch: Optional[dict] = None) -> None:
+        """Find the frontier and open the store (first iteration); decide
+        whether this step reads or computes the frontier."""
+        if not self.enabled:
+            return
+        if self.frontier is None:
+            self._setup(runner, data_batch)
+            if not self.enabled:
+                return
+        indices = _cache_indices(data_batch)
+        missing = [i for i in indices if not self.store.contains(i)]
+        if missing:
+            self._step = _Step(indices, missing=missing)
+            return
+        device = next(_unwrap(runner.model).parameters()).device
+        self._step = _Step(indices, tensors=[
+            t.to(device, non_blocking=True)
+            for t in self.store.get_batch(indices)])
+
+    def after_train_iter(self, runner, batch_idx: int,
+                         data_batch: Optional[dict] = None,
+                         outputs: Optional[dict] = None) -> None:
+        """Store the frontier of the samples computed; log each pass over
+        the data of an iteration-based loop."""
+        step, self._step = self._step, None
+        if step is None or (step.tensors is None and step.capture is None):
+            return  # the step did not go through the cache
+        if step.tensors is not None:
+            self._pass.hits += len(step.indices)
+        else:
+            self._pass.misses += len(step.indices)
+            self._frozen_seconds += step.capture.frozen_seconds
+            rows = [t.cpu() for t in step.capture.tensors]
+            missing = set(step.missing)
+            for j, index in enumerate(step.indices):
+                if index in missing:
+                    missing.discard(index)  # a code twice in one batch
+                    self.store.put(index, [t[j] for t in rows])
+        self._iters_in_pass += 1
+        if (not isinstance(runner.train_loop, EpochBasedTrainLoop) and
+                self._iters_in_pass >= len(runner.train_loop.dataloader)):
+            self._log_pass(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        """Log the pass: hit rate, entries, size, frozen forward saved."""
+        if isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._log_pass(runner)
+
+    def after_train(self, runner) -> None:
+        """Log a last partial pass and give the model its own train_step."""
+        if self._iters_in_pass:
+            self._log_pass(runner)
+        if self._train_step is not None:
+            del runner.model.train_step
+            self._train_step = None
+
+    # ------------------------------------------------------------------
+    def _cached_train_step(self, data, optim_wrapper):
+        step = self._step
+        if step is None or not self.enabled:
+            return self._train_step(data, optim_wrapper)
+        if step.tensors is not None:
+            with self.frontier.replay(step.tensors):
+                return self._train_step(data, optim_wrapper)
+        with self.frontier.capture() as capture:
+            outputs = self._train_step(data, optim_wrapper)
+        step.capture = capture
+        return outputs
+
+    def _disable(self, runner, why: str) -> None:
+        self.enabled = False
+        runner.logger.info(f'{NAME}: {why}: the hook does nothing')
+
+    def _setup(self, runner, data_batch: dict) -> None:
+        """Find the frontier on the first batch and open the store."""
+        model = _unwrap(runner.model)
+        _cache_indices(data_batch)  # the loader serves views
+        data = model.data_preprocessor(data_batch, True)
+
+        def run_loss():
+            with runner.optim_wrapper.optim_context(model):
+                return model.parse_losses(model(**data, mode='loss'))[0]
+
+        frontier = find_frontier(model, run_loss,
+                                 batch_size=len(data_batch['data_samples']),
+                                 seed=self.seed)
+        if not frontier:
+            self._disable(runner, 'the loss reads no output of the frozen '
+                          'part (empty frontier)')
+            return
+        self.frontier = frontier
+        capacity = len(self._dataset) * self.views
+        kwargs = dict(root=self.root, key=self._key(runner, frontier),
+                      specs=frontier.specs, capacity=capacity,
+                      dtype=self.dtype, max_memory_mb=self.max_memory_mb,
+                      max_disk_mb=self.max_disk_mb)
+        if get_rank() == 0:
+            self.store = FeatureStore(**kwargs)
+        barrier()
+        if get_rank() != 0:
+            self.store = FeatureStore(**kwargs, create=False)
+        store = self.store
+        skipped = ', '.join(dict.fromkeys(p for p, _ in frontier.calls))
+        runner.logger.info('\n'.join([
+            f'{NAME}: frontier of the frozen part ({len(frontier)} '
+            f'tensor(s), bytes per sample in {self.dtype}):',
+            format_table(['module output', 'shape', 'bytes per sample'],
+                         frontier.table(self.dtype)),
+            f'Skipped when cached: {skipped}',
+            f'Store: {self.root}{" (rebuilt)" if store.rebuilt else ""}: '
+            f'{capacity} entries ({len(self._dataset)} samples x '
+            f'{self.views} view(s)) of {store.bytes_per_entry:,} bytes, '
+            f'{_mb(capacity * store.bytes_per_entry)} when full; RAM up to '
+            f'{store.max_memory_mb:.0f} MB; {store.num_entries} entries '
+            f'valid now']))
+
+    def _key(self, runner, frontier: Frontier) -> Dict[str, Any]:
+        """What the stored entries depend on."""
+        weights, structure = hashlib.sha256(), hashlib.sha256()
+        for path, module in sorted(frontier.frozen_modules.items()):
+            structure.update(f'{path}:{module!r}\n'.encode())
+            for name, tensor in module.state_dict().items():
+                t = tensor.detach().cpu().contiguous()
+                weights.update(f'{path}.{name}:{t.dtype}:{tuple(t.shape)}'
+                               .encode())
+                weights.update(t.reshape(-1).view(torch.uint8).numpy())
+        cfg = runner.cfg
+        model_cfg = cfg.get('model') or {}
+        preprocessor = (model_cfg.get('data_preprocessor')
+                        or cfg.get('data_preprocessor'))
+        dataset = (cfg.get('train_dataloader') or {}).get('dataset')
+        return dict(
+            frozen_weights=weights.hexdigest(),
+            frozen_modules=structure.hexdigest(),
+            frontier=[[t.name, list(t.shape), str(t.dtype)]
+                      for t in frontier.tensors],
+            dataset=_canonical(dataset),
+            dataset_files=dataset_fingerprint(self._dataset),
+            data_preprocessor=_canonical(preprocessor),
+            dtype=self.dtype,
+            views=self.views,
+            seed=self.seed)
+
+    def _log_pass(self, runner) -> None:
+        p, self._pass = self._pass, _Pass()
+        self._iters_in_pass = 0
+        self._total.hits += p.hits
+        self._total.misses += p.misses
+        if self.store is None or p.hits + p.misses == 0:
+            return
+        hit_rate = p.hits / (p.hits + p.misses)
+        per_sample = self._frozen_seconds / max(self._total.misses, 1)
+        saved = p.hits * per_sample
+        store = self.store
+        hub = runner.message_hub
+        for name, value in (('hit_rate', hit_rate),
+                            ('entries', store.num_entries),
+                            ('ram_mb', store.ram_bytes / MB),
+                            ('disk_mb', store.disk_bytes / MB),
+                            ('saved_s', saved)):
+            hub.update_scalar(f'cache/{name}', value)
+        runner.logger.info(
+            f'{NAME}: this pass read {p.hits} of {p.hits + p.misses} samples '
+            f'from the cache (hit rate {100 * hit_rate:.1f}%); '
+            f'{store.num_entries} of {store.capacity} entries valid, '
+            f'{_mb(store.ram_bytes)} in RAM, {_mb(store.disk_bytes)} on disk; '
+            f'frozen forward saved '
+            f'{saved:.2f} s ({1000 * per_sample:.2f} ms per sample)')
+
+
+def _mb(size: float) -> str:
+    return f'{size / MB:.3g} MB'
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if is_model_wrapper(model) else model
+
+
+def _cache_indices(data_batch: dict) -> List[int]:
+    try:
+        return [int(s.metainfo['cache_index'])
+                for s in data_batch['data_samples']]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RuntimeError(
+            f'{NAME}: the training batch has no cache_index in its data '
+            'samples: the train loop\'s dataloader must be the one '
+            'before_train set (with_views)') from exc
+
+
+def _canonical(cfg: Any) -> str:
+    """A config as sorted JSON (types and other objects by their str)."""
+    if hasattr(cfg, 'to_dict'):
+        cfg = cfg.to_dict()
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_probe'):
+            pass
+    except OSError as exc:
+        raise ValueError(f'{NAME}: cache_dir {folder!r} cannot be written: '
+                         f'{exc}') from exc

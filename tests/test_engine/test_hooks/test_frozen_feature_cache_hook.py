@@ -1,0 +1,282 @@
+"""FrozenFeatureCacheHook through MMEngine's Runner on the offline digits
+data: the same training, the frozen part skipped once cached."""
+import copy
+import functools
+import os.path as osp
+import uuid
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.config import utils as cfg_utils
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+from mmgradfilt import FrozenFeatureCacheHook
+
+CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', '..', 'configs')
+SEG_DEMO = 'demo_seg/deeplabv3_r18-tiny-d8_filt5L_1xb8-300_digits-shift-64x64.py'
+CLS_DEMO = 'demo_cls/resnet18_filt-last2-r2_1xb32-5e_digits-user1.py'
+CLS_FULL = 'demo_cls/resnet18_full_1xb32-5e_digits-user1.py'
+EXACT = dict(type='FrozenFeatureCacheHook', views=1, dtype='float32')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fast_cpu():
+    """Read the OpenMMLab metafiles once, one thread, no denormals."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cfg_utils, '_get_cfg_metainfo',
+                   functools.lru_cache(cfg_utils._get_cfg_metainfo))
+        mp.setattr(cfg_utils, 'load', functools.lru_cache(cfg_utils.load))
+        torch.set_flush_denormal(True)
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope='module')
+def digits_seg_root(tmp_path_factory):
+    pytest.importorskip('mmseg', reason='needs MMSegmentation')
+    from mmgradfilt.datasets import make_digits_seg
+    root = str(tmp_path_factory.mktemp('digits_seg'))
+    make_digits_seg(root, seed=0, size=64,
+                    splits=dict(shift_train=('target', 8)))
+    return root
+
+
+class Recorder(Hook):
+    """Each training iteration's loss and how often the module at ``path``
+    really ran in it."""
+    priority = 'LOWEST'
+
+    def __init__(self, path):
+        self.path = path
+        self.losses, self.runs = [], []
+        self._count = 0
+
+    def before_train(self, runner):
+        runner.model.get_submodule(self.path).register_forward_pre_hook(
+            self._seen)
+
+    def _seen(self, *args):
+        self._count += 1
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self._count = 0
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.losses.append(outputs['loss'].item())
+        self.runs.append(self._count)
+
+
+class Killed(Exception):
+    pass
+
+
+class Killer(Hook):
+    """Stops the run after ``iters`` iterations, as a killed process."""
+    priority = 'LOWEST'
+
+    def __init__(self, iters):
+        self.iters = iters
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        if runner.iter + 1 == self.iters:
+            raise Killed
+
+
+def seg_cfg(root, work_dir, max_iters=4):
+    """The seg demo's filt5L on 8 samples, batch 4: 2 iterations a pass."""
+    cfg = Config.fromfile(osp.join(CONFIG_ROOT, SEG_DEMO))
+    cfg.train_dataloader.dataset.data_root = root
+    cfg.train_dataloader.dataset.indices = 8
+    cfg.train_dataloader.batch_size = 4
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters,
+                         val_interval=1000)
+    cfg.param_scheduler = []
+    return _common(cfg, work_dir)
+
+
+def cls_cfg(work_dir, config=CLS_DEMO, epochs=2):
+    """The cls demo on 8 digits, batch 4, deterministic pipeline: 2
+    iterations an epoch."""
+    cfg = Config.fromfile(osp.join(CONFIG_ROOT, config))
+    dataset = cfg.train_dataloader.dataset.dataset  # no user split: 8 images
+    dataset.indices = 8
+    dataset.pipeline = [dict(type='PackInputs')]
+    cfg.train_dataloader.dataset = dataset
+    cfg.train_dataloader.batch_size = 4
+    cfg.train_cfg = dict(by_epoch=True, max_epochs=epochs, val_interval=1000)
+    cfg.param_scheduler = []
+    return _common(cfg, work_dir)
+
+
+def _common(cfg, work_dir):
+    cfg.load_from = None
+    cfg.resume = False
+    cfg.work_dir = str(work_dir)
+    # one logger (and log file) per name: a new one each run
+    cfg.experiment_name = f'cache_{uuid.uuid4().hex}'
+    cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
+    cfg.test_dataloader = cfg.test_evaluator = cfg.test_cfg = None
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1000)
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def train(cfg, *hooks, path='backbone.layer1'):
+    """Train with more hooks (configs or objects); return the runner and
+    its Recorder."""
+    cfg = copy.deepcopy(cfg)
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        h for h in hooks if isinstance(h, dict)]
+    runner = Runner.from_cfg(cfg)
+    recorder = Recorder(path)
+    for hook in [h for h in hooks if not isinstance(h, dict)] + [recorder]:
+        runner.register_hook(hook)
+    runner.train()
+    return runner, recorder
+
+
+def cache_hook(runner):
+    return next(h for h in runner.hooks
+                if isinstance(h, FrozenFeatureCacheHook))
+
+
+def log_of(runner):
+    return open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
+
+
+def assert_same_training(runner, recorder, ref_runner, ref_recorder):
+    assert recorder.losses == pytest.approx(ref_recorder.losses, rel=1e-6,
+                                            abs=1e-7)
+    ref = ref_runner.model.state_dict()
+    for name, value in runner.model.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+def test_seg_demo_trains_exactly_as_without_and_skips_the_backbone(
+        digits_seg_root, tmp_path):
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'ref')
+    ref_runner, ref = train(cfg)
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'cached')
+    runner, rec = train(cfg, dict(EXACT))
+    assert_same_training(runner, rec, ref_runner, ref)
+    # pass 1 computes the backbone, pass 2 reads its outputs
+    assert ref.runs == [1, 1, 1, 1]
+    assert rec.runs == [1, 1, 0, 0]
+    hook = cache_hook(runner)
+    assert names_of(hook) == ['backbone[3]', 'decode_head.image_pool']
+    assert hook.store.num_entries == 8
+    assert runner.message_hub.get_scalar('cache/hit_rate').current() == 1.0
+    assert runner.message_hub.get_scalar('cache/entries').current() == 8
+    log = log_of(runner)
+    assert 'FrozenFeatureCacheHook: frontier of the frozen part' in log
+    assert 'backbone[3]             128x8x8  32,768' in log
+    assert 'this pass read 0 of 8 samples from the cache (hit rate 0.0%)' \
+        in log
+    assert 'this pass read 8 of 8 samples from the cache (hit rate 100.0%)' \
+        in log
+    assert osp.isdir(osp.join(tmp_path, 'cached', 'frozen_feature_cache'))
+    # the model's own train_step is back after training
+    assert 'train_step' not in runner.model.__dict__
+
+
+def names_of(hook):
+    return [t.name for t in hook.frontier.tensors]
+
+
+def test_cls_demo_trains_exactly_as_without(tmp_path):
+    pytest.importorskip('mmpretrain', reason='needs MMPretrain')
+    ref_runner, ref = train(cls_cfg(tmp_path / 'ref'), path='backbone.layer1.0')
+    runner, rec = train(cls_cfg(tmp_path / 'cached'), dict(EXACT),
+                        path='backbone.layer1.0')
+    assert_same_training(runner, rec, ref_runner, ref)
+    # the cut inside the backbone: the input of the first trained block
+    assert names_of(cache_hook(runner)) == ['backbone.layer3']
+    assert ref.runs == [1, 1, 1, 1] and rec.runs == [1, 1, 0, 0]
+    log = log_of(runner)
+    assert 'hit rate 0.0%' in log and 'hit rate 100.0%' in log
+
+
+def test_frozen_weight_change_rebuilds(digits_seg_root, tmp_path):
+    cache = str(tmp_path / 'cache')
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'first', max_iters=2)
+    runner, _ = train(cfg, dict(EXACT, cache_dir=cache))
+    assert cache_hook(runner).store.num_entries == 8
+    state = runner.model.state_dict()
+    checkpoint = str(tmp_path / 'changed.pth')
+    state['backbone.layer4.1.conv2.weight'] += 0.01
+    torch.save(dict(state_dict=state), checkpoint)
+
+    # the same weights again: everything read
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'same', max_iters=2)
+    runner, rec = train(cfg, dict(EXACT, cache_dir=cache))
+    assert not cache_hook(runner).store.rebuilt and rec.runs == [0, 0]
+
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'changed', max_iters=2)
+    cfg.load_from = checkpoint
+    runner, rec = train(cfg, dict(EXACT, cache_dir=cache))
+    hook = cache_hook(runner)
+    assert hook.store.rebuilt and rec.runs == [1, 1]
+    assert 'rebuilding' in log_of(runner) and 'frozen_weights' in log_of(
+        runner)
+
+
+def test_killed_run_keeps_its_entries(digits_seg_root, tmp_path):
+    cache = str(tmp_path / 'cache')
+    ref_runner, ref = train(seg_cfg(digits_seg_root, tmp_path / 'ref'))
+    with pytest.raises(Killed):
+        train(seg_cfg(digits_seg_root, tmp_path / 'killed'),
+              dict(EXACT, cache_dir=cache), Killer(1))
+    runner, rec = train(seg_cfg(digits_seg_root, tmp_path / 'again'),
+                        dict(EXACT, cache_dir=cache))
+    # the first batch was stored before the kill: read, not computed again
+    assert rec.runs == [0, 1, 0, 0]
+    assert not cache_hook(runner).store.rebuilt
+    assert_same_training(runner, rec, ref_runner, ref)
+
+
+def test_nothing_frozen_does_nothing(tmp_path):
+    pytest.importorskip('mmpretrain', reason='needs MMPretrain')
+    cfg = cls_cfg(tmp_path, config=CLS_FULL, epochs=1)
+    runner, rec = train(cfg, dict(EXACT))
+    hook = cache_hook(runner)
+    assert not hook.enabled and hook.store is None
+    assert ('FrozenFeatureCacheHook: nothing is frozen: the hook does '
+            'nothing') in log_of(runner)
+    assert rec.runs == [1, 1]
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(views=0), ValueError, 'views must be a positive int, got 0'),
+    (dict(views=1.5), TypeError, 'views must be an int, got 1.5'),
+    (dict(views=True), TypeError, 'views must be an int, got True'),
+    (dict(dtype='float64'), ValueError, "dtype must be one of "
+     "('float16', 'float32', 'int8'), got 'float64'"),
+    (dict(max_memory_mb=0), ValueError, 'max_memory_mb must be > 0, got 0'),
+    (dict(max_memory_mb=-5.0), ValueError, 'max_memory_mb must be > 0, got '
+     '-5.0'),
+    (dict(max_memory_mb='1G'), TypeError, "max_memory_mb must be a number or "
+     "None, got '1G'"),
+    (dict(max_disk_mb=0), ValueError, 'max_disk_mb must be > 0, got 0'),
+    (dict(seed=-1), ValueError, 'seed must be >= 0, got -1'),
+])
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match='^FrozenFeatureCacheHook: ' +
+                       message.replace('(', r'\(').replace(')', r'\)')):
+        FrozenFeatureCacheHook(**kwargs)
+
+
+def test_unwritable_cache_dir(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    with pytest.raises(ValueError, match="FrozenFeatureCacheHook: cache_dir "
+                       f"'{blocker}/cache' cannot be written"):
+        FrozenFeatureCacheHook(cache_dir=str(blocker / 'cache'))
