@@ -11,6 +11,8 @@ from mmengine.model import BaseModel
 from mmgradfilt.analysis.fidelity import (at_radii, configured_models,
                                           cosine, gradient_fidelity,
                                           measure_fidelity, relative_error)
+from mmgradfilt.analysis.plan import Layer
+from mmgradfilt.analysis.quality import layer_cosines
 from mmgradfilt.layers import GradFilterConv2d
 from mmgradfilt.memory import FilteredBatchNorm2d
 from mmgradfilt.surgery import GradientFilterRecipe
@@ -138,3 +140,27 @@ def test_exact_model_keeps_the_freezing_only():
     assert 'body.6' not in {r['layer'] for r in rows}
     # the model given is left without surgery
     assert type(model.body[0]) is nn.Conv2d
+
+
+def test_planner_quality_is_the_same_measure():
+    # the planner's layer_cosines filters every candidate at each radius:
+    # the tool's figures at that radius, on the same batches
+    torch.manual_seed(0)
+    model = ConvBNConv().train()
+    batches = [dict(inputs=smooth(2, 3, 8, 8)) for _ in range(2)]
+    layers = [Layer(path, norm, (), (2, 4, 8, 8), [(1, 1), (2, 2)])
+              for path, norm in (('body.4', 'body.5'), ('body.0', 'body.1'))]
+    torch.manual_seed(3)
+    cosines = layer_cosines(model, RECIPE.replace(filter_install=()), layers,
+                            batches)
+    torch.manual_seed(3)
+    exact, models = configured_models(model, at_radii(RECIPE, [1, 2]))
+    rows = measure_fidelity(models, exact, batches)
+    assert set(cosines) == {'body.0', 'body.4'}
+    for radius in ((1, 1), (2, 2)):
+        for row in rows[radius]:
+            if row['kind'] == 'conv':
+                assert cosines[row['layer']][radius] == pytest.approx(
+                    row['weight_cos'], abs=1e-12)
+    assert cosines['body.0'][1, 1] == pytest.approx(1, abs=1e-12)
+    assert cosines['body.0'][2, 2] < 0.999
