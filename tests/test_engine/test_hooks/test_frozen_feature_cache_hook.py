@@ -192,12 +192,28 @@ def names_of(hook):
     return [t.name for t in hook.frontier.tensors]
 
 
+def with_validation(cfg):
+    """Validate on 8 test digits after each epoch."""
+    val = Config.fromfile(osp.join(CONFIG_ROOT, CLS_DEMO))
+    val.val_dataloader.dataset = val.val_dataloader.dataset.dataset
+    val.val_dataloader.dataset.indices = 8
+    cfg.val_dataloader = val.val_dataloader
+    cfg.val_evaluator = val.val_evaluator
+    cfg.val_cfg = dict()
+    cfg.train_cfg.val_interval = 1
+    return cfg
+
+
 def test_cls_demo_trains_exactly_as_without(tmp_path):
     pytest.importorskip('mmpretrain', reason='needs MMPretrain')
-    ref_runner, ref = train(cls_cfg(tmp_path / 'ref'), path='backbone.layer1.0')
-    runner, rec = train(cls_cfg(tmp_path / 'cached'), dict(EXACT),
-                        path='backbone.layer1.0')
+    ref_runner, ref = train(with_validation(cls_cfg(tmp_path / 'ref')),
+                            path='backbone.layer1.0')
+    runner, rec = train(with_validation(cls_cfg(tmp_path / 'cached')),
+                        dict(EXACT), path='backbone.layer1.0')
     assert_same_training(runner, rec, ref_runner, ref)
+    # validation ran the whole model (after each epoch) and scored the same
+    assert runner.message_hub.get_scalar('val/accuracy/top1').current() == \
+        ref_runner.message_hub.get_scalar('val/accuracy/top1').current()
     # the cut inside the backbone: the input of the first trained block
     assert names_of(cache_hook(runner)) == ['backbone.layer3']
     assert ref.runs == [1, 1, 1, 1] and rec.runs == [1, 1, 0, 0]
