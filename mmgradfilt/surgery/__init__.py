@@ -1,7 +1,8 @@
 """Model surgery on any ``nn.Module``: install gradient filters, freeze
 layers by dotted path, make the training step lean; and the recipe that does
-all three for a run. Every step returns :class:`SurgeryRecord` items with one
-status vocabulary (:data:`STATUSES`)."""
+all three for a run. Each module a step looks at is reported as a
+:class:`SurgeryRecord` with one status vocabulary (:data:`STATUSES`);
+:func:`freeze_layers` reports its rules (:class:`FreezeRecord`)."""
 from .filters import check_filter_install, install_gradient_filter
 from .freeze import (FreezeRecord, check_freeze_rules, count_parameters,
                      eval_norms, freeze_layers, trained_modules)
