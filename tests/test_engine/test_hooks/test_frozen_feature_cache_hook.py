@@ -1,8 +1,16 @@
 """FrozenFeatureCacheHook through MMEngine's Runner on the offline digits
-data: the same training, the frozen part skipped once cached."""
+data: the same training, the frozen part skipped once cached.
+
+Run as a script, this file is the worker ``torchrun`` starts on each rank of
+the distributed test.
+"""
 import copy
 import functools
+import os
 import os.path as osp
+import socket
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -10,6 +18,7 @@ import torch
 from mmengine.config import Config
 from mmengine.config import utils as cfg_utils
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from mmgradfilt import FrozenFeatureCacheHook
@@ -57,8 +66,9 @@ class Recorder(Hook):
         self._count = 0
 
     def before_train(self, runner):
-        runner.model.get_submodule(self.path).register_forward_pre_hook(
-            self._seen)
+        model = runner.model
+        model = model.module if is_model_wrapper(model) else model
+        model.get_submodule(self.path).register_forward_pre_hook(self._seen)
 
     def _seen(self, *args):
         self._count += 1
@@ -296,3 +306,67 @@ def test_unwritable_cache_dir(tmp_path):
     with pytest.raises(ValueError, match="FrozenFeatureCacheHook: cache_dir "
                        f"'{blocker}/cache' cannot be written"):
         FrozenFeatureCacheHook(cache_dir=str(blocker / 'cache'))
+
+
+def test_two_process_gloo_run(digits_seg_root, tmp_path):
+    """Each rank stores its own samples in one store and reads the others';
+    training is the same as without the hook."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+           '--master_addr=127.0.0.1', f'--master_port={port}', __file__,
+           digits_seg_root, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    ranks = [torch.load(osp.join(tmp_path, f'rank{r}.pt')) for r in range(2)]
+    for rank in ranks:
+        assert rank['cached_losses'] == pytest.approx(rank['ref_losses'],
+                                                      rel=1e-6, abs=1e-7)
+        assert rank['runs'][:2] == [1, 1]  # pass 1 computes
+        # the last step reads: every entry was written by then, by one rank
+        # or the other (the first step of pass 2 may find an entry the other
+        # rank is still writing, and compute it)
+        assert rank['runs'][3] == 0
+        assert rank['entries'] == 8
+    # each rank trained on its own samples and DDP kept the weights in step
+    assert ranks[0]['ref_losses'] != ranks[1]['ref_losses']
+    for name, value in ranks[0]['cached_state'].items():
+        torch.testing.assert_close(value, ranks[0]['ref_state'][name],
+                                   rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(value, ranks[1]['cached_state'][name]), name
+
+
+def _worker(root, out):
+    import torch.distributed as dist
+    dist.init_process_group('gloo')
+    rank = dist.get_rank()
+    result = {}
+    for name, hooks in (('ref', []), ('cached', [dict(EXACT)])):
+        cfg = seg_cfg(root, osp.join(out, name))
+        cfg.train_dataloader.batch_size = 2  # 2 steps a pass on each rank
+        cfg.experiment_name = f'ddp_{name}'
+        # SyncBN needs CUDA; the frozen backbone's BNs are in eval mode anyway
+        for part in (cfg.model.backbone, cfg.model.decode_head):
+            part.norm_cfg = dict(type='BN', requires_grad=True)
+        cfg.launcher = 'pytorch'
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
+                                     device_ids=None)
+        runner, recorder = train(cfg, *hooks)
+        dist.barrier()
+        result[f'{name}_losses'] = recorder.losses
+        result[f'{name}_state'] = {
+            n: p.detach().clone()
+            for n, p in runner.model.module.named_parameters()}
+        if hooks:
+            result['runs'] = recorder.runs
+            result['entries'] = cache_hook(runner).store.num_entries
+    torch.save(result, osp.join(out, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    torch.set_num_threads(1)
+    _worker(*sys.argv[1:])
