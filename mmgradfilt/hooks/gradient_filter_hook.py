@@ -223,23 +223,29 @@ def _trainable_ids(model: nn.Module) -> List[int]:
     return [id(p) for p in model.parameters() if p.requires_grad]
 
 
-def recipe_from_config(cfg) -> GradientFilterRecipe:
+def recipe_from_config(cfg, required: bool = True) -> GradientFilterRecipe:
     """The recipe of ``cfg``'s ``GradientFilterHook`` (in ``custom_hooks``).
 
     Args:
         cfg (Config): A loaded config.
+        required (bool): A config without the hook is an error; else it gets
+            the hook's defaults (``GradientFilterRecipe()``). Defaults to
+            True.
 
     Returns:
         GradientFilterRecipe: Checked as the hook checks it.
 
     Raises:
-        ValueError: Unless the config has exactly one such hook (the message
-            names the config file and the count); ``TypeError`` or
-            ``ValueError`` naming the config for a bad argument.
+        ValueError: Unless the config has exactly one such hook (or, when not
+            ``required``, none); the message names the config file and the
+            count. ``TypeError`` or ``ValueError`` naming the config for a
+            bad argument.
     """
     name = getattr(cfg, 'filename', None) or 'the config'
     hooks = [h for h in cfg.get('custom_hooks', None) or []
              if h.get('type') in ('GradientFilterHook', GradientFilterHook)]
+    if not hooks and not required:
+        return GradientFilterRecipe()
     if len(hooks) != 1:
         raise ValueError(f'{name} must have exactly one GradientFilterHook '
                          f'in custom_hooks, found {len(hooks)}')

@@ -120,6 +120,11 @@ def test_recipe_from_config_names_the_config(tmp_path):
     hook = dict(type='GradientFilterHook', priority='HIGH', **ARGS)
     assert recipe_from_config(config(dict(type='EMAHook'), hook)) == \
         GradientFilterRecipe(**ARGS)
+    # a config without the hook: its defaults, where asked for
+    assert recipe_from_config(config(), required=False) == \
+        GradientFilterRecipe()
+    with pytest.raises(ValueError, match='found 2$'):
+        recipe_from_config(config(hook, hook), required=False)
     for hooks in ([], [hook, hook]):
         with pytest.raises(ValueError, match='my_cfg.py must have exactly '
                            'one GradientFilterHook in custom_hooks, found '
