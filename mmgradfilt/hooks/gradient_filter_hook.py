@@ -8,7 +8,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
-from ..analysis.fidelity import exact_model, gradient_fidelity
+from ..analysis.fidelity import (exact_model, gradient_fidelity,
+                                 share_weights)
 from ..report import pair_label
 from ..surgery import GradientFilterRecipe
 
@@ -155,6 +156,8 @@ class GradientFilterHook(Hook):
         if self.fidelity_interval is not None:
             self._exact = exact_model(model, self.recipe)
         runner.logger.info(self.apply(model))
+        if self._exact is not None:  # one set of weights from here on
+            share_weights(self._exact, model)
         if (isinstance(runner.model, DistributedDataParallel)
                 and _trainable_ids(model) != trainable_before):
             runner.model = None  # release the old wrapper and its reducer hooks

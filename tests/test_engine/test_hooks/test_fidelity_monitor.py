@@ -69,6 +69,13 @@ def test_monitor_logs_scalars_and_leaves_training_unchanged(data_root,
         assert torch.equal(states[1][key], value), key
 
     runner = runners[1]
+    # the exact twin holds no weights of its own
+    hook = next(h for h in runner.hooks if isinstance(h, GradientFilterHook))
+    head = runner.model.decode_head
+    assert hook._exact.decode_head.bottleneck.conv.weight is \
+        head.bottleneck.conv.weight
+    assert hook._exact.decode_head.bottleneck.bn.running_mean is \
+        head.bottleneck.bn.running_mean
     norms = [path[:-len('conv')] + 'bn' for path in CONVS]
     for path in CONVS + norms:
         history = runner.message_hub.get_scalar(f'train/grad_cosine/{path}')
