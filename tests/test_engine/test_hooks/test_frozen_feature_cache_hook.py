@@ -269,6 +269,35 @@ def test_killed_run_keeps_its_entries(digits_seg_root, tmp_path):
     assert_same_training(runner, rec, ref_runner, ref)
 
 
+def test_views_of_a_random_pipeline(tmp_path):
+    """Two views of the demo's random crops: two passes compute and store,
+    the third reads."""
+    pytest.importorskip('mmpretrain', reason='needs MMPretrain')
+    cfg = cls_cfg(tmp_path, epochs=3)
+    cfg.train_dataloader.dataset.pipeline = [
+        dict(type='RandomCrop', crop_size=64, padding=4),
+        dict(type='PackInputs')]
+    runner, rec = train(cfg, dict(EXACT, views=2), path='backbone.layer1.0')
+    assert rec.runs == [1, 1, 1, 1, 0, 0]
+    assert cache_hook(runner).store.num_entries == 16
+    log = log_of(runner)
+    assert log.count('hit rate 0.0%') == 2 and 'hit rate 100.0%' in log
+    assert '16 entries (8 samples x 2 view(s))' in log
+
+
+def test_full_disk_goes_on_uncached(digits_seg_root, tmp_path):
+    ref_runner, ref = train(seg_cfg(digits_seg_root, tmp_path / 'ref'))
+    # room for 4 of the 8 entries (32,896 bytes each in float32)
+    cfg = seg_cfg(digits_seg_root, tmp_path / 'full')
+    runner, rec = train(cfg, dict(EXACT, max_disk_mb=4.5 * 32896 / 2**20))
+    assert_same_training(runner, rec, ref_runner, ref)
+    hook = cache_hook(runner)
+    assert hook.store.num_entries == 4
+    # pass 2: a batch with a sample left out is computed, not half-read
+    assert rec.runs[:2] == [1, 1] and 1 in rec.runs[2:]
+    assert 'reached max_disk_mb' in log_of(runner)
+
+
 def test_nothing_frozen_does_nothing(tmp_path):
     pytest.importorskip('mmpretrain', reason='needs MMPretrain')
     cfg = cls_cfg(tmp_path, config=CLS_FULL, epochs=1)
