@@ -445,8 +445,9 @@ FIDELITY_LEGEND = '\n'.join([
     'filtered BatchNorms, the lean step); exact: the same model with every '
     'approximation off (the config\'s freezing only), same weights, same '
     'batch, same dropout',
-    'dW, dx: weight and input gradient of the configured model against the '
-    'exact one; cos: cosine similarity (1: the same direction); rel err: '
+    'dW, dx: the gradient of the layer\'s weight and of its input tensor '
+    '(all its uses: a residual branch too), configured against exact; cos: '
+    'cosine similarity (1: the same direction); rel err: '
     '|configured - exact| / |exact|',
     'own dW cos: the conv\'s own error only: its filtered dW against the '
     'exact conv backward of the same input and output gradient (what reached '
