@@ -43,10 +43,10 @@ from torch import Tensor
 from ..layers import GradFilterConv2d
 from ..memory.norm import FilteredBatchNorm2d
 from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
+from ..ops.types import IntPair
 from ..report import Column, Table, pair_label, radius_bars, save_figure
 from ..surgery import GradientFilterRecipe
 
-IntPair = Tuple[int, int]
 # against the exact model (the headline), then the conv's own error
 METRICS = ('weight_cos', 'weight_rel_error', 'input_cos', 'input_rel_error',
            'bias_cos')
