@@ -188,7 +188,7 @@ class Frontier:
                 return
             key = inside[0]
             state['inside'] = None
-            tensors = _tensors_of(output)
+            tensors = _all_tensors(output)
             if tensors and tensors[0].is_cuda:
                 torch.cuda.synchronize(tensors[0].device)
             result.frozen_seconds += time.perf_counter() - state['start']
@@ -570,10 +570,6 @@ def _all_tensors(obj: Any) -> List[torch.Tensor]:
     found: List[torch.Tensor] = []
     _map_tensors(obj, lambda t, where: found.append(t) or t)
     return found
-
-
-def _tensors_of(output: Any) -> List[torch.Tensor]:
-    return _all_tensors(output)
 
 
 def _map_tensors(obj: Any, fn: Callable, where: Any = None) -> Any:

@@ -1,6 +1,5 @@
 import hashlib
 import json
-import logging
 import os
 import os.path as osp
 import tempfile
