@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,26 @@ def mcunet_net_config(tmp_path_factory):
     path = tmp_path_factory.mktemp('mcunet') / 'net.json'
     write_mcunet_net_config(path)
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def digits_shift_weights(tmp_path_factory):
+    """(data root, checkpoint): a few canvases of the digits demo's shifted
+    domain, which its fine-tuning configs train on, and random weights of
+    their model (seeded) in a checkpoint."""
+    import torch
+    from mmengine.config import Config
+
+    from mmgradfilt.benchmark.step import build_model
+    from mmgradfilt.datasets import make_digits_seg
+    root = tmp_path_factory.mktemp('digits_shift')
+    make_digits_seg(str(root / 'data'), splits=dict(shift_train=('target', 4)))
+    config = ('configs/demo_seg/'
+              'deeplabv3_r18-tiny-d8_full_1xb8-300_digits-shift-64x64.py')
+    model = build_model(Config.fromfile(
+        str(Path(__file__).resolve().parents[1] / config)))
+    torch.manual_seed(0)
+    model.init_weights()
+    checkpoint = root / 'weights.pth'
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    return root / 'data', checkpoint

@@ -15,23 +15,20 @@ the filtered one, for several radii.
 import argparse
 import os.path as osp
 import platform
-from dataclasses import asdict
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
 import torch
-from mmengine.config import Config
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
-from mmgradfilt.benchmark.layers import (bench_layer, layer_legend,
+from mmgradfilt.benchmark.layers import (bench_layers, layer_legend,
                                          layer_table, load_layer_suite)
 from mmgradfilt.benchmark.tables import (TIMES, csv_table, layers_table,
                                          memory_table, peak_notes, plot_layers,
                                          plot_step, ratio, step_legend,
                                          step_table)
-from mmgradfilt.benchmark.step import (LEAN_NORM, VARIANTS, TrainStep,
-                                       Variant, build_variants, measure_step,
-                                       synthetic_batch, time_steps,
-                                       train_input_size)
+from mmgradfilt.benchmark.step import (LEAN_NORM, VARIANTS, Variant,
+                                       build_variants, measure_step,
+                                       step_size, synthetic_batch, time_steps)
 from mmgradfilt.benchmark.timing import paired_ratio
 from mmgradfilt.cli import (add_cfg_options, check_analysis_args,
                             quiet_third_party, read_config)
@@ -94,32 +91,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def size_and_batch(args: argparse.Namespace, cfg: Config
-                   ) -> Tuple[Tuple[int, int], int, str]:
-    """Input size and batch size: the command line's, else the config's; and
-    where each came from, to print."""
-    if args.input_size:
-        size, size_from = tuple(args.input_size), '--input-size'
-    else:
-        found = train_input_size(cfg)
-        if found is None:
-            raise SystemExit(
-                f'{args.config} names no training size (no RandomCrop, '
-                'RandomResizedCrop or fixed Resize in its train pipeline, no '
-                'crop_size, no data_preprocessor size): give --input-size H W')
-        size, size_from = found[0], f'config: {found[1]}'
-    if args.batch_size:
-        batch, batch_from = args.batch_size, '--batch-size'
-    else:
-        batch = cfg.get('train_dataloader', {}).get('batch_size')
-        if batch is None:
-            raise SystemExit(f'{args.config} has no '
-                             'train_dataloader.batch_size: give --batch-size N')
-        batch_from = 'config: train_dataloader.batch_size'
-    return size, batch, (f'{size[0]}x{size[1]} ({size_from}), batch {batch} '
-                         f'({batch_from})')
-
-
 def environment(args: argparse.Namespace, batch_size: int) -> dict:
     """What the numbers were measured on."""
     device = (torch.cuda.get_device_name() if args.device == 'cuda' else
@@ -153,32 +124,35 @@ def variant_ratios(result: Dict, variants: Sequence[Variant]) -> Dict:
 def run_config(args: argparse.Namespace, device: torch.device,
                out_dir: str) -> None:
     cfg = read_config(args)
-    size, batch_size, what = size_and_batch(args, cfg)
+    try:
+        size, batch_size, what = step_size(cfg, args.input_size,
+                                           args.batch_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     env = environment(args, batch_size)
     variants = (*VARIANTS, LEAN_NORM) if args.filter_norm else VARIANTS
-    models, paths, settings = build_variants(cfg, device, size, variants)
+    batch = synthetic_batch(cfg, batch_size, size)
+    steps, paths, settings = build_variants(cfg, device, size, batch,
+                                            variants)
     if args.filter_norm and settings['lean']['filter_norm']:
         # the config's lean step filters its norms already: the same model
         print('--filter-norm: filtered+lean has filter_norm=True already')
         variants = VARIANTS
-        del models[LEAN_NORM.key]
+        del steps[LEAN_NORM.key]
     labels = ', '.join(v.label for v in variants)
     print(f'{osp.basename(args.config)}: {what}, {args.device} '
           f'({env["device_name"]}, {env["threads"]} threads), {args.iters} '
           f'timed steps after {args.warmup} warm-up, {labels} in turn')
-    batch = synthetic_batch(cfg, batch_size, size)
     result = dict(config=args.config, input_size=size, env=env,
                   filtered_layers=paths,
-                  variants=[dict(asdict(v), settings=settings.get(v.key))
+                  variants=[dict(v.to_dict(), settings=settings.get(v.key))
                             for v in variants])
-    steps = {key: TrainStep(model, cfg.optim_wrapper, batch)
-             for key, model in models.items()}
     bar = ProgressBar(len(steps) * (args.warmup + args.iters))
     timings = time_steps(steps, device, args.iters, args.warmup, bar.update)
     print()
     for key, step in steps.items():
-        result[key] = dict(timings[key],
-                           **measure_step(step, paths, device, args.iters))
+        measured = measure_step(step, device, paths, iters=args.iters)
+        result[key] = dict(timings[key], **measured.to_dict(paths))
     result['ratios'] = variant_ratios(result, variants)
     peak_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
                  else 'the CPU allocator\'s peak (torch.profiler memory '
@@ -212,23 +186,15 @@ def run_layers(args: argparse.Namespace, device: torch.device,
           f'({env["device_name"]}, {env["threads"]} threads), {args.iters} '
           f'timed runs after {args.warmup} warm-up, vanilla and filtered in '
           'turn')
-    json_path = osp.join(out_dir, 'layers.json')
     bar = ProgressBar(len(shapes) * len(args.radius))
-    results = []
-    for shape in shapes:
-        for radius in args.radius:
-            results.append(bench_layer(shape, radius, batch_size, device,
-                                       dtype, args.iters, args.warmup))
-            # on disk as measured: a crash or Ctrl-C loses one layer at most
-            write_json(json_path, dict(env=env, results=results,
-                                       complete=False))
-            bar.update()
+    results = bench_layers(shapes, args.radius, batch_size, device, dtype,
+                           args.iters, args.warmup,
+                           osp.join(out_dir, 'layers.json'), env, bar.update)
     print()
     table = layer_table(results)
     print(table.text())
     print()
     print(layer_legend(args.iters))
-    write_json(json_path, dict(env=env, results=results, complete=True))
     table.write_csv(osp.join(out_dir, 'layers.csv'))
     plot_layers(osp.join(out_dir, 'layers.png'), results,
                 f'filtered conv backward vs PyTorch ({args.device}, '

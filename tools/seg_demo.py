@@ -113,25 +113,22 @@ def step_memory(cfg_file: str, data_root: str,
     from mmengine.runner import Runner
 
     import mmgradfilt  # noqa: F401
-    from mmgradfilt.benchmark.step import (FILTERED, LEAN, TrainStep,
-                                           build_model,
-                                           gradient_filter_hook_cfg,
+    from mmgradfilt.benchmark.step import (FILTERED, LEAN, build_model,
                                            measure_step)
     from mmgradfilt.cli import quiet_third_party
-    from mmgradfilt.hooks import GradientFilterHook
+    from mmgradfilt.hooks import recipe_from_config
     quiet_third_party()
     cfg = Config.fromfile(cfg_file)
     cfg.train_dataloader.dataset.data_root = data_root
-    model = build_model(cfg)
-    hook = GradientFilterHook(**{**gradient_filter_hook_cfg(cfg),
-                                 **(LEAN if lean else FILTERED).hook})
-    hook.apply(model)
+    cpu = torch.device('cpu')
+    model = build_model(cfg)  # in the config's scope, which the data needs
     batch = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
-    step = TrainStep(model.train(), cfg.optim_wrapper, batch)
+    step = (LEAN if lean else FILTERED).prepare(
+        model, recipe_from_config(cfg), cfg.optim_wrapper, batch, cpu)
     step.run()  # optimizer state exists, as in training
-    result = measure_step(step, [], torch.device('cpu'), iters=1)
-    return (result['saved_bytes'], result['saved_by_kind']['conv'],
-            result['peak_bytes'])
+    result = measure_step(step, cpu)
+    return (result.saved_bytes, result.saved_by_kind['conv'],
+            result.peak_bytes)
 
 
 def main() -> None:

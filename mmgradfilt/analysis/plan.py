@@ -13,6 +13,7 @@ counts 1: its gradient is exact).
 """
 import copy
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import (Callable, Dict, FrozenSet, List, Optional, Sequence,
                     Tuple)
@@ -22,9 +23,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..ops.types import IntPair
+from ..report import pair_label
 from ..surgery import trained_modules
 
-IntPair = Tuple[int, int]
 Radius = Optional[IntPair]  # None: vanilla back-propagation
 # above this many combinations, the convs that share a saved tensor are
 # chosen together (all vanilla or all at one radius) instead of one by one
@@ -175,6 +177,9 @@ class PrefixCosts:
         filtered_saved_bytes, filtered_peak_bytes (int, optional): The
             whole step measured with every trained conv filtered at its
             largest radius; None where none can be.
+        least_peak_bytes (int, optional): A measured peak that no plan of
+            this prefix can be below: the classifier-only step's, whose
+            every part each plan runs too. No predicted peak is below it.
     """
     trained: int
     saved_bytes: int
@@ -186,20 +191,35 @@ class PrefixCosts:
     layer_flops: Dict[str, Dict[Radius, int]] = field(default_factory=dict)
     filtered_saved_bytes: Optional[int] = None
     filtered_peak_bytes: Optional[int] = None
+    least_peak_bytes: Optional[int] = None
 
     def peak_at(self, saved_delta: int) -> int:
         """The predicted peak of a plan that saves ``saved_delta`` bytes
         more than all vanilla: as far between the vanilla and the filtered
         step's measured peaks as its saving is between theirs (a peak that
         falls where the saved tensors are not all alive moves less than
-        they do, or not at all)."""
-        if self.filtered_saved_bytes is None:
-            return self.peak_bytes
-        freed = self.filtered_saved_bytes - self.saved_bytes
-        if freed >= 0:
-            return self.peak_bytes
-        return round(self.peak_bytes + (self.filtered_peak_bytes -
-                                        self.peak_bytes) * saved_delta / freed)
+        they do, or not at all), and never below ``least_peak_bytes``."""
+        peak = self.peak_bytes
+        if self.filtered_saved_bytes is not None:
+            freed = self.filtered_saved_bytes - self.saved_bytes
+            if freed < 0:
+                peak = round(peak + (self.filtered_peak_bytes - peak) *
+                             saved_delta / freed)
+        return max(peak, self.least_peak_bytes or 0)
+
+    def to_dict(self) -> Dict:
+        """The measured costs as plain data (plan.json)."""
+        return dict(
+            trained_convs=self.trained, saved_bytes=self.saved_bytes,
+            peak_bytes=self.peak_bytes, backward_flops=self.backward_flops,
+            fixed_bytes=self.fixed_bytes,
+            storages=[dict(bytes=b, radius=r and pair_label(r),
+                           convs=sorted(c)) for b, r, c in self.storages],
+            layer_flops={p: {pair_label(r) if r else 'vanilla': f
+                             for r, f in v.items()}
+                         for p, v in self.layer_flops.items()},
+            all_filtered=dict(saved_bytes=self.filtered_saved_bytes,
+                              peak_bytes=self.filtered_peak_bytes))
 
 
 @dataclass
@@ -235,6 +255,29 @@ class Plan:
             (self.saved_bytes, budget.saved_bytes),
             (self.peak_bytes, budget.peak_bytes),
             (self.backward_flops, budget.backward_flops)))
+
+    def describe(self) -> str:
+        """The filtered layers' radii, counted: ``'3 at r2, 1 at r4'``."""
+        counts = Counter(sorted(r for r in self.radii.values() if r))
+        return ', '.join(f'{n} at r{pair_label(r)}'
+                         for r, n in counts.items()) or 'none'
+
+    def to_dict(self, cosines: Dict[str, Dict[IntPair, float]]) -> Dict:
+        """The plan as plain data (plan.json), each layer with its
+        weight-gradient cosine of ``cosines`` (1 where vanilla)."""
+        return dict(
+            trained_convs=self.trained,
+            layers=[dict(path=layer.path, norm=layer.norm,
+                         radius=self.radii[layer.path],
+                         weight_cos=cosines.get(layer.path, {}).get(
+                             self.radii[layer.path])
+                         if self.radii[layer.path] else 1.0)
+                    for layer in self.layers],
+            filter_install=self.filter_install,
+            predicted=dict(saved_bytes=self.saved_bytes,
+                           peak_bytes=self.peak_bytes,
+                           backward_flops=self.backward_flops,
+                           mean_weight_cos=self.mean_cosine))
 
 
 def _plain(radius: IntPair):

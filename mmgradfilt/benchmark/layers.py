@@ -2,13 +2,13 @@
 import json
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..layers import GradFilterConv2d
-from ..report import Column, Table
+from ..report import Column, Table, write_json
 from .flops import conv_backward_flops
 from .tables import compared, ratio
 from .timing import cuda_kernel_seconds, paired_ratio, summarize, timed
@@ -139,6 +139,26 @@ def bench_layer(shape: ConvShape, radius: int, batch_size: int,
     result['backward_speedup'] = paired_ratio(van['backward'], fil['backward'])
     result['forward_speedup'] = paired_ratio(van['forward'], fil['forward'])
     return result
+
+
+def bench_layers(shapes: Sequence[ConvShape], radii: Sequence[int],
+                 batch_size: int, device: torch.device, dtype: torch.dtype,
+                 iters: int, warmup: int, json_path: str, env: Dict,
+                 progress: Callable[[], None] = lambda: None) -> List[Dict]:
+    """:func:`bench_layer` of every shape at every radius, each result
+    written to ``json_path`` with those before it as it is measured
+    (``complete`` False until the last one): a crash or Ctrl-C loses one
+    layer at most."""
+    results = []
+    for shape in shapes:
+        for radius in radii:
+            results.append(bench_layer(shape, radius, batch_size, device,
+                                       dtype, iters, warmup))
+            write_json(json_path, dict(env=env, results=results,
+                                       complete=False))
+            progress()
+    write_json(json_path, dict(env=env, results=results, complete=True))
+    return results
 
 
 def layer_table(results: Sequence[Dict]) -> Table:

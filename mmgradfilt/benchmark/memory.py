@@ -1,7 +1,8 @@
 """Memory measurements of a training step: saved activations, by module and
 by kind of module, and the peak, with the phase of the step it falls in."""
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import gc
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -103,8 +104,8 @@ class ModuleScopes:
 
 
 class SavedTensorMeter(ModuleScopes):
-    """Bytes that autograd saves for backward, in total, per module and by
-    kind of module.
+    """Bytes that autograd saves for backward, in total, per module, by
+    kind of module and by storage.
 
     Each storage counts once in the total (views and tensors saved by several
     ops share it) and once in each given module that saved it, so a conv's
@@ -112,9 +113,12 @@ class SavedTensorMeter(ModuleScopes):
     kind (:data:`KINDS`), each storage counts once, for the innermost module
     whose forward was running when it was first saved: a conv, a norm, an
     activation, else the loss when a loss method (:data:`LOSS_METHODS`) was
-    running, else other; so the kinds add up to the total. Parameters and
-    buffers of the model are not activations and are left out. Use as a
-    context manager around the forward pass.
+    running, else other; so the kinds add up to the total. By storage
+    (:attr:`savers`), each one's size and the names of the innermost given
+    modules running whenever it was saved (``''`` where none was: a
+    functional op); given the model's leaves, these say which layers keep
+    it. Parameters and buffers of the model are not activations and are
+    left out. Use as a context manager around the forward pass.
 
     Args:
         model (nn.Module): Model whose parameters and buffers to leave out.
@@ -136,6 +140,8 @@ class SavedTensorMeter(ModuleScopes):
         self.total_bytes = 0
         self.module_bytes: Dict[str, int] = {n: 0 for n in self._modules}
         self.kind_bytes: Dict[str, int] = {k: 0 for k in KINDS}
+        # storage -> (bytes, names of the given modules that saved it)
+        self.savers: Dict[tuple, Tuple[int, Set[str]]] = {}
 
     def enter(self, scope) -> None:
         if scope is LOSS:
@@ -160,6 +166,8 @@ class SavedTensorMeter(ModuleScopes):
         if key in self._exclude:
             return t
         nbytes = t.untyped_storage().nbytes()
+        self.savers.setdefault(key, (nbytes, set()))[1].add(
+            self._current[-1] if self._current else '')
         if key not in self._seen[None]:
             self._seen[None].add(key)
             self.total_bytes += nbytes
@@ -224,6 +232,10 @@ def _memory_timeline(fn: Callable[[], object], device: torch.device,
     ``device`` (``torch.profiler``'s memory events) while ``fn`` runs, in
     each phase that :func:`mark_phase` marked (the first phase until the
     first mark), above what was live before."""
+    # garbage the collector would free while the profiler runs is memory
+    # allocated before it: torch warns of each such block on stderr (through
+    # any progress bar) and the peak would depend on when the collector ran
+    gc.collect()
     activities = [ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(ProfilerActivity.CUDA)

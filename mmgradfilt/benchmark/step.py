@@ -1,8 +1,11 @@
-"""Whole training step of a config's model: vanilla, gradient-filtered and
-filtered with the lean step (:class:`Variant`)."""
+"""Whole training step of a config's model: prepared (a copy of the model
+with a recipe applied, :func:`prepare_step`; the benchmark's
+:class:`Variant` s) and measured (:func:`measure_step`)."""
 import copy
+import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Callable, Dict, FrozenSet, List, Optional, Sequence,
+                    Tuple, Type, Union)
 
 import torch
 import torch.nn as nn
@@ -10,31 +13,18 @@ from mmengine.config import Config, ConfigDict
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, init_default_scope
+from torch import Tensor
 
-from ..hooks import GradientFilterHook
+from ..hooks import recipe_from_config
 from ..layers import GradFilterConv2d
-from ..surgery import freeze_layers
+from ..ops.types import IntPair
+from ..surgery import GradientFilterRecipe
 from .flops import conv_backward_flops
-from .memory import SavedTensorMeter, peak_phase, step_peaks
+from .memory import (SavedTensorMeter, peak_memory_bytes, peak_phase,
+                     step_peaks)
 from .timing import cuda_kernel_seconds, summarize, timed
 
 PHASES = ('forward', 'backward', 'optimizer')
-
-
-def gradient_filter_hook_cfg(cfg: Config) -> Dict:
-    """The arguments of the config's ``GradientFilterHook``; an error if it
-    has none."""
-    hooks = [h for h in cfg.get('custom_hooks', [])
-             if h.get('type') in ('GradientFilterHook', GradientFilterHook)]
-    if len(hooks) != 1:
-        raise ValueError(f'{cfg.filename} must have exactly one '
-                         f'GradientFilterHook in custom_hooks, found {len(hooks)}')
-    return {k: v for k, v in hooks[0].items() if k not in ('type', 'priority')}
-
-
-def gradient_filter_hook(cfg: Config) -> GradientFilterHook:
-    """The config's ``GradientFilterHook``, built; an error if it has none."""
-    return GradientFilterHook(**gradient_filter_hook_cfg(cfg))
 
 
 # transforms that give every training image one size: the argument holding it
@@ -92,6 +82,38 @@ def train_input_size(cfg: Config) -> Optional[Tuple[Tuple[int, int], str]]:
     return None
 
 
+def step_size(cfg: Config, input_size: Optional[Sequence[int]] = None,
+              batch_size: Optional[int] = None
+              ) -> Tuple[Tuple[int, int], int, str]:
+    """Input size ``(h, w)`` and batch size of a measured step: the given
+    ones, else the config's (:func:`train_input_size`,
+    ``train_dataloader.batch_size``); and where they came from, to print.
+
+    Raises:
+        ValueError: Where neither is given, naming the option to give.
+    """
+    if input_size:
+        size, size_from = tuple(input_size), '--input-size'
+    else:
+        found = train_input_size(cfg)
+        if found is None:
+            raise ValueError(
+                f'{cfg.filename} names no training size (no RandomCrop, '
+                'RandomResizedCrop or fixed Resize in its train pipeline, no '
+                'crop_size, no data_preprocessor size): give --input-size H W')
+        size, size_from = found[0], f'config: {found[1]}'
+    if batch_size:
+        batch, batch_from = batch_size, '--batch-size'
+    else:
+        batch = cfg.get('train_dataloader', {}).get('batch_size')
+        if batch is None:
+            raise ValueError(f'{cfg.filename} has no '
+                             'train_dataloader.batch_size: give --batch-size N')
+        batch_from = 'config: train_dataloader.batch_size'
+    return size, batch, (f'{size[0]}x{size[1]} ({size_from}), batch {batch} '
+                         f'({batch_from})')
+
+
 def build_model(cfg: Config, model_cfg: Optional[ConfigDict] = None
                 ) -> nn.Module:
     """The config's model (or ``model_cfg``, a variant of it) as built in the
@@ -100,69 +122,6 @@ def build_model(cfg: Config, model_cfg: Optional[ConfigDict] = None
     model_cfg = copy.deepcopy(model_cfg or cfg.model)
     model_cfg.pop('pretrained', None)
     return revert_sync_batchnorm(MODELS.build(model_cfg))
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One model the benchmark measures: the config's model with its
-    freezing and, unless ``hook`` is None, its ``GradientFilterHook`` with
-    the arguments in ``hook`` changed."""
-    key: str  # its name in the JSON and the CSV
-    label: str  # its name in the printed tables
-    hook: Optional[Dict] = None
-    description: str = ''
-
-
-VANILLA = Variant('vanilla', 'vanilla', None,
-                  'the config\'s model with the config\'s freezing and no '
-                  'gradient filter (PyTorch\'s backward)')
-FILTERED = Variant('filtered', 'filtered',
-                   dict(lean_memory=False, filter_norm=False),
-                   'the same model with the config\'s GradientFilterHook '
-                   'applied (the filtered layers below), without the lean step')
-LEAN = Variant('lean', 'filtered+lean', dict(lean_memory=True),
-               'the config\'s GradientFilterHook as configured, lean by '
-               'default: 1-bit activation masks, the banded segmentation '
-               'loss, patch-statistics BatchNorms where filter_norm')
-LEAN_NORM = Variant('lean_norm', 'filtered+lean+norm',
-                    dict(lean_memory=True, filter_norm=True),
-                    'filtered+lean with patch-statistics BatchNorms after the '
-                    'filtered convs')
-VARIANTS = (VANILLA, FILTERED, LEAN)
-
-
-def build_variants(cfg: Config, device: torch.device, size: Tuple[int, int],
-                   variants: Sequence[Variant] = VARIANTS
-                   ) -> Tuple[Dict[str, nn.Module], List[str], Dict[str, Dict]]:
-    """The model of each variant, by key; the filtered conv paths; and the
-    lean settings (``lean_memory``, ``filter_norm``) each variant's hook ran
-    with, by key (none for vanilla).
-
-    All start from one build of the config's model, so they share the same
-    random weights (no checkpoint is loaded: timing and memory do not
-    depend on them). A data preprocessor that pads to a fixed size pads to
-    ``size`` instead.
-    """
-    model_cfg = copy.deepcopy(cfg.model)
-    if model_cfg.get('data_preprocessor', {}).get('size') is not None:
-        model_cfg.data_preprocessor.size = size
-    built = build_model(cfg, model_cfg)
-    hook_cfg = gradient_filter_hook_cfg(cfg)
-    models, paths, settings = {}, [], {}
-    for variant in variants:
-        model = copy.deepcopy(built)
-        if variant.hook is None:
-            hook = GradientFilterHook(**hook_cfg)
-            freeze_layers(model, hook.freeze_layers, hook.norm_eval)
-        else:
-            hook = GradientFilterHook(**{**hook_cfg, **variant.hook})
-            hook.apply(model)
-            settings[variant.key] = dict(lean_memory=hook.lean_memory,
-                                         filter_norm=hook.filter_norm)
-            paths = paths or [n for n, m in model.named_modules()
-                              if isinstance(m, GradFilterConv2d)]
-        models[variant.key] = model.to(device).train()
-    return models, paths, settings
 
 
 def synthetic_batch(cfg: Config, batch_size: int, size: Tuple[int, int]) -> Dict:
@@ -218,6 +177,101 @@ class TrainStep:
             getattr(self, phase)()
 
 
+def prepare_step(model: nn.Module, recipe: GradientFilterRecipe,
+                 optim_cfg: ConfigDict, batch: Dict, device: torch.device,
+                 step_type: Type[TrainStep] = TrainStep) -> TrainStep:
+    """A training step of a copy of ``model`` with ``recipe`` applied, as
+    training would apply it, on ``device`` in training mode."""
+    model = copy.deepcopy(model)
+    recipe.apply(model)
+    return step_type(model.to(device).train(), optim_cfg, batch)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model the benchmark measures: the config's model with its
+    ``GradientFilterHook``'s recipe with the arguments in ``hook`` changed
+    (None: its freezing alone, PyTorch's backward), trained by ``step``.
+
+    A new variant is one more of these: a recipe change, and the step that
+    trains it where it is not a plain :class:`TrainStep`.
+    """
+    key: str  # its name in the JSON and the CSV
+    label: str  # its name in the printed tables
+    hook: Optional[Dict] = None
+    description: str = ''
+    step: Type[TrainStep] = TrainStep
+
+    def recipe(self, recipe: GradientFilterRecipe) -> GradientFilterRecipe:
+        """The config's ``recipe`` as this variant changes it."""
+        if self.hook is None:
+            return recipe.replace(filter_install=(), lean_memory=False,
+                                  filter_norm=False)
+        return recipe.replace(**self.hook)
+
+    def prepare(self, model: nn.Module, recipe: GradientFilterRecipe,
+                optim_cfg: ConfigDict, batch: Dict,
+                device: torch.device) -> TrainStep:
+        """The step of a copy of ``model`` trained as this variant of the
+        config's ``recipe`` trains it (:func:`prepare_step`)."""
+        return prepare_step(model, self.recipe(recipe), optim_cfg, batch,
+                            device, self.step)
+
+    def to_dict(self) -> Dict:
+        """What the benchmark's JSON says of it."""
+        return dict(key=self.key, label=self.label, hook=self.hook,
+                    description=self.description)
+
+
+VANILLA = Variant('vanilla', 'vanilla', None,
+                  'the config\'s model with the config\'s freezing and no '
+                  'gradient filter (PyTorch\'s backward)')
+FILTERED = Variant('filtered', 'filtered',
+                   dict(lean_memory=False, filter_norm=False),
+                   'the same model with the config\'s GradientFilterHook '
+                   'applied (the filtered layers below), without the lean step')
+LEAN = Variant('lean', 'filtered+lean', dict(lean_memory=True),
+               'the config\'s GradientFilterHook as configured, lean by '
+               'default: 1-bit activation masks, the banded segmentation '
+               'loss, patch-statistics BatchNorms where filter_norm')
+LEAN_NORM = Variant('lean_norm', 'filtered+lean+norm',
+                    dict(lean_memory=True, filter_norm=True),
+                    'filtered+lean with patch-statistics BatchNorms after the '
+                    'filtered convs')
+VARIANTS = (VANILLA, FILTERED, LEAN)
+
+
+def build_variants(cfg: Config, device: torch.device, size: Tuple[int, int],
+                   batch: Dict, variants: Sequence[Variant] = VARIANTS
+                   ) -> Tuple[Dict[str, TrainStep], List[str], Dict[str, Dict]]:
+    """The step of each variant on ``batch``, by key; the filtered conv
+    paths; and the lean settings (``lean_memory``, ``filter_norm``) each
+    variant's recipe has, by key (none for vanilla).
+
+    All start from one build of the config's model, so they share the same
+    random weights (no checkpoint is loaded: timing and memory do not
+    depend on them). A data preprocessor that pads to a fixed size pads to
+    ``size`` instead.
+    """
+    model_cfg = copy.deepcopy(cfg.model)
+    if model_cfg.get('data_preprocessor', {}).get('size') is not None:
+        model_cfg.data_preprocessor.size = size
+    built = build_model(cfg, model_cfg)
+    recipe = recipe_from_config(cfg)
+    steps, paths, settings = {}, [], {}
+    for variant in variants:
+        step = variant.prepare(built, recipe, cfg.optim_wrapper, batch,
+                               device)
+        if variant.hook is not None:
+            changed = variant.recipe(recipe)
+            settings[variant.key] = dict(lean_memory=changed.lean_memory,
+                                         filter_norm=changed.filter_norm)
+            paths = paths or [n for n, m in step.model.named_modules()
+                              if isinstance(m, GradFilterConv2d)]
+        steps[variant.key] = step
+    return steps, paths, settings
+
+
 def time_steps(steps: Dict[str, TrainStep], device: torch.device, iters: int,
                warmup: int, progress: Callable[[], None]) -> Dict[str, Dict]:
     """Phase timings of each model's step (medians, quartiles).
@@ -241,36 +295,132 @@ def time_steps(steps: Dict[str, TrainStep], device: torch.device, iters: int,
     return results
 
 
-def measure_step(step: TrainStep, paths: List[str], device: torch.device,
-                 iters: int) -> Dict:
-    """Saved activations (in total, by kind of module and per layer of
-    ``paths``), backward FLOPs of those layers, and the step's peak memory
-    with the peak of each phase and the phase that holds it."""
-    result = {}
-    layers = {p: step.model.get_submodule(p) for p in paths}
-    seen = {}  # path -> (output shape, whether the input needs a gradient)
-    handles = [m.register_forward_hook(
-        lambda m, args, out, p=p: seen.__setitem__(
-            p, (tuple(out.shape), args[0].requires_grad)))
-        for p, m in layers.items()]
-    with SavedTensorMeter(step.model, layers) as meter:
-        step.forward()
-    for handle in handles:
-        handle.remove()
-    step.backward()
-    step.optimizer()
-    result['saved_bytes'] = meter.total_bytes
-    result['saved_by_kind'] = dict(meter.kind_bytes)
-    result['layers'] = {
-        p: dict(saved_bytes=meter.module_bytes[p],
-                backward_flops=conv_backward_flops(
-                    m, seen[p][0], getattr(m, 'radius', None),
-                    need_input=seen[p][1], need_weight=m.weight.requires_grad))
-        for p, m in layers.items()
-    }
-    result['peak_bytes'], result['phase_peak_bytes'] = step_peaks(
-        step.model, [(p, getattr(step, p)) for p in PHASES], device)
-    result['peak_phase'] = peak_phase(result['phase_peak_bytes'])
-    if device.type == 'cuda':
-        result['step_kernel_ms'] = 1e3 * cuda_kernel_seconds(step.run, iters)
-    return result
+@dataclass(frozen=True)
+class ConvCall:
+    """A conv's first call in a measured forward."""
+    conv: nn.Conv2d
+    out_shape: Tuple[int, ...]
+    input_grad: bool  # whether its input needs a gradient
+    output_grad: bool  # whether its output needs one: its backward runs
+
+    def backward_flops(self, radius: Optional[IntPair] = None) -> int:
+        """Its backward's FLOPs, exact (``radius`` None) or filtered."""
+        return conv_backward_flops(
+            self.conv, self.out_shape, radius, need_input=self.input_grad,
+            need_weight=self.conv.weight.requires_grad)
+
+
+@dataclass
+class StepMeasure:
+    """What :func:`measure_step` measured of one training step.
+
+    Args:
+        saved_bytes (int): Bytes autograd saved for backward in the forward,
+            each storage once.
+        saved_by_kind (dict[str, int]): The same by kind of module
+            (:data:`~.memory.KINDS`); they add up to ``saved_bytes``.
+        module_bytes (dict[str, int]): Saved by each given module.
+        storages (list): ``(bytes, names)`` of every saved storage: the given
+            modules that saved it (``''``: none of them).
+        convs (dict[str, ConvCall]): Every conv that ran, by path.
+        peak_bytes (int, optional): The step's peak above what was live
+            before it.
+        phase_peak_bytes (dict, optional): The peak in each phase of
+            :data:`~.memory.STEP_PHASES` (None for one that did not happen).
+        step_kernel_ms (float, optional): CUDA kernel time of a step.
+    """
+    saved_bytes: int
+    saved_by_kind: Dict[str, int]
+    module_bytes: Dict[str, int]
+    storages: List[Tuple[int, FrozenSet[str]]]
+    convs: Dict[str, ConvCall]
+    peak_bytes: Optional[int] = None
+    phase_peak_bytes: Optional[Dict[str, Optional[int]]] = None
+    step_kernel_ms: Optional[float] = None
+
+    def to_dict(self, paths: Sequence[str]) -> Dict:
+        """The benchmark's figures, per layer for the convs of ``paths``."""
+        result = dict(
+            saved_bytes=self.saved_bytes,
+            saved_by_kind=dict(self.saved_by_kind),
+            layers={p: dict(saved_bytes=self.module_bytes[p],
+                            backward_flops=self.convs[p].backward_flops(
+                                getattr(self.convs[p].conv, 'radius', None)))
+                    for p in paths},
+            peak_bytes=self.peak_bytes,
+            phase_peak_bytes=self.phase_peak_bytes,
+            peak_phase=self.phase_peak_bytes and peak_phase(
+                self.phase_peak_bytes))
+        if self.step_kernel_ms is not None:
+            result['step_kernel_ms'] = self.step_kernel_ms
+        return result
+
+
+# what measure_step's ``peak`` may be
+PEAKS = ('next', 'this', None)
+
+
+def measure_step(step: TrainStep, device: torch.device,
+                 modules: Sequence[str] = (), peak: Optional[str] = 'next',
+                 iters: int = 0) -> StepMeasure:
+    """Measure one training step of ``step``'s model: what its forward saves
+    for backward (:class:`~.memory.SavedTensorMeter`), every conv's call,
+    and its peak memory.
+
+    Args:
+        step (TrainStep): The prepared step (:func:`prepare_step`); the
+            measure runs it.
+        device (torch.device): Where it runs.
+        modules (Sequence[str]): Modules whose saved bytes to count one by
+            one, by path. Defaults to ().
+        peak (str, optional): ``'next'``: the measured step runs whole, then
+            the peak of the next one, by phase (:func:`~.memory.step_peaks`),
+            as every step of a training run after the first (the optimizer's
+            state exists); ``'this'``: the peak of the measured step itself,
+            forward, backward and optimizer (a first step also makes the
+            optimizer's state); None: the forward alone, no peak. Defaults to
+            ``'next'``.
+        iters (int): With ``'next'`` on CUDA, the steps that the kernel time
+            is the mean of; 0: none. Defaults to 0.
+    """
+    if peak not in PEAKS:
+        raise ValueError(f'peak must be one of {PEAKS}, got {peak!r}')
+    model = step.model
+    convs: Dict[str, ConvCall] = {}
+
+    def record(path: str, conv: nn.Conv2d, args: tuple, out: Tensor) -> None:
+        if path not in convs:
+            convs[path] = ConvCall(conv, tuple(out.shape),
+                                   args[0].requires_grad, out.requires_grad)
+
+    handles = [m.register_forward_hook(functools.partial(record, n))
+               for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    meter = SavedTensorMeter(model, {p: model.get_submodule(p)
+                                     for p in modules})
+
+    def forward() -> None:
+        with meter:
+            step.forward()
+        for handle in handles:
+            handle.remove()
+
+    def whole() -> None:
+        forward()
+        step.backward()
+        step.optimizer()
+
+    peak_bytes = phase_peaks = kernel_ms = None
+    if peak is None:
+        forward()
+    elif peak == 'this':
+        peak_bytes = peak_memory_bytes(whole, device)
+    else:
+        whole()
+        peak_bytes, phase_peaks = step_peaks(
+            model, [(p, getattr(step, p)) for p in PHASES], device)
+        if iters and device.type == 'cuda':
+            kernel_ms = 1e3 * cuda_kernel_seconds(step.run, iters)
+    return StepMeasure(
+        meter.total_bytes, dict(meter.kind_bytes), dict(meter.module_bytes),
+        [(nbytes, frozenset(names)) for nbytes, names in
+         meter.savers.values()], convs, peak_bytes, phase_peaks, kernel_ms)

@@ -1,5 +1,7 @@
 """The planner's pieces: candidate layers of real models, the selection rule
-on costs worked out by hand, and the config it writes."""
+on costs worked out by hand, the config it writes, and the one call
+(:func:`plan_budget`): its refusals before measuring, a budget no plan
+meets, a plan that measures over budget."""
 import copy
 from pathlib import Path
 
@@ -9,11 +11,16 @@ import torch.nn as nn
 from mmengine.config import Config
 
 from mmgradfilt.analysis import plan as plan_mod
+from mmgradfilt.analysis import planner
 from mmgradfilt.analysis.plan import (Budget, Layer, PrefixCosts, choose_plan,
                                       fit_radii, freeze_rules, min_figures,
                                       plan_config, trace_layers)
+from mmgradfilt.analysis.planner import (PlanError, choose_measured,
+                                         measure_prefixes, plan_budget)
 from mmgradfilt.benchmark.step import build_model, synthetic_batch
 from mmgradfilt.hooks import GradientFilterHook
+from mmgradfilt.report import MB
+from mmgradfilt.surgery import GradientFilterRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SEG = (ROOT / 'configs' / 'demo_seg' /
@@ -289,3 +296,154 @@ def test_written_config_replaces_the_hook(tmp_path):
     path.write_text(plan_config(str(SEG), hook, False))
     cfg = Config.fromfile(str(path))
     assert [h.to_dict() for h in cfg.custom_hooks] == [hook]
+
+
+def test_predicted_peak_never_below_the_classifier_alone():
+    # prefix 2's filtered step peaks at 118, below the classifier alone's
+    # measured 125: both filtered (29 of 32 freed) would interpolate to 121
+    prefixes, layers, cosines = hand_costs()
+    prefixes[2].least_peak_bytes = 125
+    chosen, front = choose_plan(prefixes, layers, cosines, Budget(40), 0.5)
+    assert radii_of(chosen) == {'A': 2, 'B': 2}
+    assert chosen.peak_bytes == 125
+    assert min_figures(prefixes[2], layers).peak_bytes == 125
+    # a prediction above the bound is left as it is
+    assert prefixes[2].peak_at(0) == 150
+
+
+def test_every_prefix_keeps_the_classifier_alone_as_least_peak(monkeypatch):
+    # peaks made up: longer prefixes measured below the classifier alone
+    peaks = [100, 80, 90]
+
+    def measure_prefix(model, recipe, layers, k, *args):
+        return PrefixCosts(k, 10 * (k + 1), peaks[k], 0)
+
+    monkeypatch.setattr(planner, 'measure_prefix', measure_prefix)
+    layers = [Layer(p, None, (1, ), (1, 1, 8, 8), []) for p in 'AB']
+    calls = []
+    prefixes, stop = measure_prefixes(
+        None, layers, lambda plan_layers: None, Config(dict(optim_wrapper={})),
+        {}, torch.device('cpu'), Budget(25), lambda: calls.append(1))
+    assert [p.trained for p in prefixes] == [0, 1] and stop.trained == 2
+    assert len(calls) == 3
+    assert prefixes[0].least_peak_bytes is None
+    assert prefixes[1].least_peak_bytes == stop.least_peak_bytes == 100
+    assert min_figures(prefixes[1], layers).peak_bytes == 100
+
+
+def test_plan_measured_over_budget_gives_way():
+    # A filtered predicts 30 - 15 + 2 = 17 <= 20, but measures 25% more:
+    # refused; the next choice is made under 20 * 17 / 21.25 = 16, which
+    # only the classifier alone (10, measured 12.5) meets
+    layers = [Layer('A', None, (1, ), (1, 1, 8, 8), [(2, 2)])]
+    prefixes = [
+        PrefixCosts(0, 10, 100, 0),
+        PrefixCosts(1, 30, 120, 100, 15,
+                    [(15, None, frozenset('A')), (2, (2, 2), frozenset('A'))],
+                    {'A': {None: 100, (2, 2): 10}})]
+    measured = []
+
+    def measure(plan):
+        measured.append(plan.saved_bytes)
+        return dict(saved_bytes=1.25 * plan.saved_bytes,
+                    peak_bytes=plan.peak_bytes)
+
+    chosen, figures, rejected = choose_measured(
+        prefixes, layers, {'A': {(2, 2): 0.9}}, Budget(20), 0.5, measure)
+    assert measured == [17, 10]
+    assert chosen.trained == 0 and figures['saved_bytes'] == 12.5
+    assert [(p.trained, p.radii) for p, _ in rejected] == [(1, {'A': (2, 2)})]
+
+
+def demo_config(data_root, **changes) -> Config:
+    cfg = Config.fromfile(str(SEG))
+    cfg.merge_from_dict({'train_dataloader.dataset.data_root': str(data_root),
+                         **changes})
+    return cfg
+
+
+@pytest.fixture
+def no_measure(monkeypatch):
+    """Measuring anything fails the test."""
+
+    def measured(*_, **__):
+        raise AssertionError('measured before the input was checked')
+
+    monkeypatch.setattr(planner, 'measure_prefix', measured)
+    monkeypatch.setattr(planner, 'layer_cosines', measured)
+
+
+def refusal(cfg: Config, **kwargs) -> str:
+    with pytest.raises(PlanError) as error:
+        plan_budget(cfg, Budget(MB), **kwargs)
+    return str(error.value)
+
+
+def test_bad_inputs_refused_before_measuring(tmp_path, digits_shift_weights,
+                                             no_measure):
+    pytest.importorskip('mmseg')
+    data_root, checkpoint = digits_shift_weights
+    no_model = tmp_path / 'no_model.py'
+    no_model.write_text('x = 1\n')
+    assert refusal(Config.fromfile(str(no_model))) == \
+        f'{no_model} has no model: nothing to plan'
+
+    missing = tmp_path / 'nope.pth'
+    message = refusal(demo_config(data_root), checkpoint=str(missing))
+    assert f'"{missing}" (set by --checkpoint or load_from)' in message
+
+    # the demo's own load_from, not written yet: the command that writes it
+    calib = tmp_path / 'deeplabv3_r18-tiny-d8_calib_1xb8-1k_digits-64x64'
+    message = refusal(demo_config(
+        data_root, load_from=str(calib / 'iter_1000.pth')))
+    assert 'make demo' in message
+
+    message = refusal(demo_config(tmp_path / 'no_data'),
+                      checkpoint=str(checkpoint))
+    assert message.startswith('training data: ')
+    assert message.endswith('(or pass --synthetic-data)')
+
+    no_size = demo_config(data_root, crop_size=None)
+    no_size.model.data_preprocessor.size = None
+    message = refusal(no_size, checkpoint=str(checkpoint))
+    assert 'names no training size' in message
+    assert message.endswith('give --input-size H W')
+
+    # the paper's config without its VOC data (MMSeg asserts the ann_file)
+    if not (ROOT / 'data' / 'VOCdevkit').exists():
+        voc = (ROOT / 'configs' / 'deeplabv3' /
+               'deeplabv3_r18-d8_filt5L_4xb2-20k_voc12aug-512x512.py')
+        cfg = Config.fromfile(str(voc))
+        cfg.load_from = None
+        assert refusal(cfg).startswith('training data: ')
+
+
+def test_budget_no_plan_meets(digits_shift_weights):
+    pytest.importorskip('mmseg')
+    data_root, checkpoint = digits_shift_weights
+    with pytest.raises(PlanError) as error:
+        plan_budget(demo_config(data_root), Budget(0.001 * MB), batch_size=2,
+                    checkpoint=str(checkpoint))
+    message = str(error.value)
+    assert message.startswith(
+        'no plan fits the budget: not even the classifier alone fits; the '
+        'smallest plan, the classifier alone, needs ')
+    # the smallest figures, as numbers
+    saved = float(message.split('needs ')[1].split(' MB')[0])
+    assert saved > 0.001
+    assert 'MB peak' in message and 'backward GFLOPs' in message
+
+
+@pytest.mark.parametrize('args,kept', [
+    (dict(), {}),
+    (dict(lean_memory=True, norm_eval=True), {}),
+    (dict(lean_memory=False), dict(lean_memory=False)),
+    (dict(filter_norm=False, norm_eval=False),
+     dict(norm_eval=False, filter_norm=False)),
+])
+def test_plans_keep_the_configs_own_settings(args, kept):
+    # the written config's hook repeats those that are not the defaults;
+    # filters and freezing are the plan's
+    recipe = GradientFilterRecipe(
+        filter_install=[dict(path='a', radius=2)], freeze_layers=['b'], **args)
+    assert planner.kept_settings(recipe) == kept

@@ -1,8 +1,6 @@
 """tools/benchmark.py end to end on tiny inputs (CPU)."""
-import argparse
 import csv
 import functools
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -14,11 +12,12 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
+from mmgradfilt.benchmark import layers as layers_module
 from mmgradfilt.benchmark.layers import load_layer_suite
 from mmgradfilt.benchmark.memory import (KINDS, STEP_PHASES, SavedTensorMeter,
                                          peak_phase, step_peaks)
 from mmgradfilt.benchmark.tables import peak_notes
-from mmgradfilt.benchmark.step import train_input_size
+from mmgradfilt.benchmark.step import step_size, train_input_size
 from mmgradfilt.benchmark.timing import paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,14 +55,6 @@ def run_tool(*args, cwd=ROOT):
         cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_tool', ROOT / 'tools' / 'benchmark.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def read_csv(path: Path):
@@ -301,7 +292,6 @@ def test_bad_layer_file_stops_before_measuring(tmp_path):
 
 
 def test_layer_results_survive_a_crash(tmp_path, monkeypatch):
-    tool = load_tool()
     measured = []
 
     def bench_layer(shape, radius, *args):
@@ -310,17 +300,17 @@ def test_layer_results_survive_a_crash(tmp_path, monkeypatch):
         measured.append(dict(name=shape.name, radius=radius))
         return measured[-1]
 
-    monkeypatch.setattr(tool, 'bench_layer', bench_layer)
-    out = tmp_path / 'out'
-    out.mkdir()
-    monkeypatch.setattr(sys, 'argv', ['benchmark.py', '--layers', '--radius',
-                                      '2', '4', '--out', str(out)])
+    monkeypatch.setattr(layers_module, 'bench_layer', bench_layer)
+    path = tmp_path / 'layers.json'
     with pytest.raises(KeyboardInterrupt):
-        tool.main()
-    saved = json.loads((out / 'layers.json').read_text())
+        layers_module.bench_layers(
+            load_layer_suite(None), [2, 4], 2, torch.device('cpu'),
+            torch.float32, 1, 0, str(path), dict(device='cpu'))
+    saved = json.loads(path.read_text())
     assert saved['complete'] is False
+    assert saved['env'] == dict(device='cpu')
     assert saved['results'] == [dict(name='dense3x3 640-128 @64', radius=2)]
-    assert not (out / 'layers.json.tmp').exists()
+    assert not (tmp_path / 'layers.json.tmp').exists()
 
 
 def test_demo_config_at_its_own_size(tmp_path):
@@ -380,17 +370,23 @@ def test_train_input_size_elsewhere():
         == ((32, 24), 'crop_size')
 
 
-def test_no_size_in_the_config_asks_for_one():
-    tool = load_tool()
-    args = argparse.Namespace(config='cfg.py', input_size=None,
-                              batch_size=None)
-    cfg = Config(dict(train_dataloader=dict(batch_size=4, dataset=dict(
-        pipeline=[dict(type='PackInputs')]))))
-    with pytest.raises(SystemExit, match='cfg.py names no training size.*'
+def test_no_size_in_the_config_asks_for_one(tmp_path):
+    path = tmp_path / 'cfg.py'
+    path.write_text('train_dataloader = dict(batch_size=4, dataset=dict('
+                    "pipeline=[dict(type='PackInputs')]))\n")
+    cfg = Config.fromfile(str(path))
+    with pytest.raises(ValueError, match='cfg.py names no training size.*'
                        'give --input-size H W'):
-        tool.size_and_batch(args, cfg)
-    args.input_size = [8, 8]
-    assert tool.size_and_batch(args, cfg)[:2] == ((8, 8), 4)
+        step_size(cfg)
+    assert step_size(cfg, [8, 8]) == (
+        (8, 8), 4, '8x8 (--input-size), batch 4 (config: '
+        'train_dataloader.batch_size)')
+    assert step_size(cfg, [8, 8], 2)[1:] == (
+        2, '8x8 (--input-size), batch 2 (--batch-size)')
+    del cfg.train_dataloader.batch_size
+    with pytest.raises(ValueError, match='cfg.py has no train_dataloader.'
+                       'batch_size: give --batch-size N'):
+        step_size(cfg, [8, 8])
 
 
 def test_help_shows_the_defaults():
@@ -467,6 +463,15 @@ def test_saved_bytes_by_kind_add_up():
     # log_softmax's output, and the NLLLoss module's target inside the loss
     assert kinds['loss'] >= 2 * 3 * 4 + target.numel() * 8
     assert meter.total_bytes == sum(kinds.values())
+    # by storage, each once, with the given modules that saved it ('' for
+    # none of them: exp, the head)
+    savers = list(meter.savers.values())
+    assert sum(nbytes for nbytes, _ in savers) == meter.total_bytes
+    assert set().union(*(names for _, names in savers)) == {
+        'conv', 'bn', 'relu', ''}
+    for name in parts:
+        assert sum(nbytes for nbytes, names in savers if name in names) == \
+            meter.module_bytes[name]
 
 
 def test_loss_methods_are_given_back():

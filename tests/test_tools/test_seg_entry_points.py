@@ -1,7 +1,6 @@
 """tools/train.py, tools/test.py and ``mim train mmseg`` on the demo configs,
 and the errors for a missing dataset or checkpoint."""
 import glob
-import importlib.util
 import os.path as osp
 import runpy
 import shutil
@@ -172,13 +171,27 @@ def test_missing_pretrained_backbone(data_root, tmp_path):
 
 
 def test_demo_step_memory(data_root):
-    # the demo table's memory columns: filt5L with and without the lean step
-    spec = importlib.util.spec_from_file_location(
-        'seg_demo', osp.join(ROOT, 'tools', 'seg_demo.py'))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    plain = demo.step_memory(FILT, data_root, lean=False)
-    lean = demo.step_memory(FILT, data_root, lean=True)
+    # the demo table's memory columns (tools/seg_demo.py measures them so):
+    # filt5L with and without the lean step, on a training batch, after a
+    # first step
+    import torch
+
+    from mmgradfilt.benchmark.step import (FILTERED, LEAN, build_model,
+                                           measure_step)
+    from mmgradfilt.hooks import recipe_from_config
+    cfg = Config.fromfile(FILT)
+    cfg.train_dataloader.dataset.data_root = data_root
+    model = build_model(cfg)
+    batch = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
+    figures = []
+    for variant in (FILTERED, LEAN):
+        step = variant.prepare(model, recipe_from_config(cfg),
+                               cfg.optim_wrapper, batch, torch.device('cpu'))
+        step.run()
+        measured = measure_step(step, torch.device('cpu'))
+        figures.append((measured.saved_bytes, measured.saved_by_kind['conv'],
+                        measured.peak_bytes))
+    plain, lean = figures
     for saved, by_convs, peak in (plain, lean):
         assert 0 < by_convs < saved < peak
     # 1-bit masks and the banded loss
