@@ -5,13 +5,19 @@ drawn, so whatever is computed from it can be stored and reused. A sample's
 *code* is ``idx * views + v``; :class:`ViewSampler` draws the codes and
 :class:`ViewDataset` fetches them and tags each data sample with
 ``cache_index=code``.
+
+Given a predicate ``is_cached(code)``, the sampler marks each batch whose
+codes are all cached (it yields ``-1 - code``), the dataset answers a marked
+code with a :class:`Skipped` item without loading anything, and the loader
+of :func:`with_views` collates a batch of them into a :class:`SkippedBatch`,
+which the consumer (the cache hook) fills in the main process.
 """
 import hashlib
 import os
 import os.path as osp
 import random
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,19 +39,74 @@ def view_seed(seed: int, idx: int, view: int) -> int:
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed ``random``, numpy's global RNG and torch's CPU RNG, and restore
-    their states on exit."""
+def _restored_rngs() -> Iterator[None]:
+    """Restore ``random``, numpy's global RNG and torch's CPU RNG on exit.
+
+    Saving and restoring numpy's state costs about 0.1 ms, seeding the three
+    about 0.015 ms: a batch restores once and seeds per sample.
+    """
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+
+
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed ``random``, numpy's global RNG and torch's CPU RNG, and restore
+    their states on exit."""
+    with _restored_rngs():
+        _seed_rngs(seed)
+        yield
+
+
+class Skipped:
+    """The item :class:`ViewDataset` gives for a code the sampler marked as
+    cached: nothing loaded, only the code."""
+    __slots__ = ('code', )
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return Skipped, (self.code, )
+
+    def __repr__(self) -> str:
+        return f'Skipped({self.code})'
+
+
+class SkippedBatch(dict):
+    """A batch of :class:`Skipped` items: ``{'codes': [code, ...]}``. A
+    dict, so that its consumer can fill it in place with the batch loading
+    would have given (MMEngine's loops hand the same dict to the hooks'
+    ``before_train_iter`` and to ``train_step``)."""
+
+
+class _SkipCollate:
+    """The loader's ``collate_fn``, except for a batch of :class:`Skipped`
+    items, which becomes a :class:`SkippedBatch`."""
+
+    def __init__(self, collate_fn: Callable) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: List[Any]) -> Any:
+        skipped = [isinstance(item, Skipped) for item in items]
+        if not any(skipped):
+            return self.collate_fn(items)
+        if not all(skipped):
+            raise RuntimeError(
+                'A batch mixes skipped and loaded samples: the loader\'s '
+                'batch size must be the one its ViewSampler was given')
+        return SkippedBatch(codes=[item.code for item in items])
 
 
 class ViewDataset(Dataset):
@@ -56,7 +117,9 @@ class ViewDataset(Dataset):
     torch CPU) seeded from ``(seed, idx, view)`` and restored afterwards, so
     a view is the same sample every time and the global streams are left as
     they were. Each data sample gets ``cache_index=code`` in its metainfo.
-    The length is the wrapped dataset's: the sampler picks the codes.
+    The length is the wrapped dataset's: the sampler picks the codes. A
+    negative item ``-1 - code`` (the sampler's mark of a cached code) is
+    :class:`Skipped` ``(code)``: nothing is loaded.
 
     Args:
         dataset (Dataset): Dataset whose items are dicts with
@@ -71,6 +134,7 @@ class ViewDataset(Dataset):
         self.dataset = dataset
         self.views = views
         self.seed = seed
+        self._seeds: Dict[int, int] = {}  # code -> view_seed, 13 us each
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -82,10 +146,26 @@ class ViewDataset(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, code: int) -> dict:
-        idx, view = divmod(int(code), self.views)
-        with seeded(view_seed(self.seed, idx, view)):
-            data = self.dataset[idx]
+    def __getitem__(self, code: int) -> Any:
+        with _restored_rngs():
+            return self._load(int(code))
+
+    def __getitems__(self, codes: Sequence[int]) -> List[Any]:
+        """The items of ``codes`` (PyTorch's loaders fetch a batch with this
+        method where it exists): the RNG states are saved and restored once
+        per batch."""
+        with _restored_rngs():
+            return [self._load(int(code)) for code in codes]
+
+    def _load(self, code: int) -> Any:
+        if code < 0:
+            return Skipped(-1 - code)
+        idx, view = divmod(code, self.views)
+        seed = self._seeds.get(code)
+        if seed is None:
+            seed = self._seeds[code] = view_seed(self.seed, idx, view)
+        _seed_rngs(seed)
+        data = self.dataset[idx]
         samples = data.get('data_samples') if isinstance(data, dict) else None
         elements = samples if isinstance(samples, (list, tuple)) else [samples]
         if not all(isinstance(e, BaseDataElement) for e in elements):
@@ -95,7 +175,7 @@ class ViewDataset(Dataset):
                 f'{type(data).__name__} with data_samples of type '
                 f'{type(samples).__name__}')
         for element in elements:
-            element.set_metainfo(dict(cache_index=int(code)))
+            element.set_metainfo(dict(cache_index=code))
         return data
 
 
@@ -111,18 +191,40 @@ class ViewSampler(Sampler):
     same views; an infinite sampler counts on. ``set_epoch`` and ``len``
     delegate to the wrapped sampler.
 
+    With ``is_cached``, the codes are taken ``batch_size`` at a time (the
+    batches the loader's batch sampler will form) and a batch whose codes
+    are all cached is yielded marked, ``-1 - code`` each: its samples need
+    not be loaded. The predicate runs in the main process when the loader
+    asks for the batch's indices (ahead of the training step by the
+    loader's prefetching).
+
     Args:
         sampler (Sampler): Sampler of the original indices, e.g. MMEngine's
             ``DefaultSampler`` or ``InfiniteSampler``.
         views (int): Views per sample.
         seed (int): Seed of the draws.
+        is_cached (Callable[[int], bool], optional): Whether a code's sample
+            need not be loaded. Defaults to None: every code is loaded.
+        batch_size (int): The loader's batch size (used with
+            ``is_cached``). Defaults to 1.
     """
 
-    def __init__(self, sampler: Sampler, views: int, seed: int) -> None:
+    def __init__(self,
+                 sampler: Sampler,
+                 views: int,
+                 seed: int,
+                 is_cached: Optional[Callable[[int], bool]] = None,
+                 batch_size: int = 1) -> None:
         _check_views_seed(views, seed)
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                or batch_size < 1):
+            raise ValueError(
+                f'batch_size must be a positive int, got {batch_size!r}')
         self.sampler = sampler
         self.views = views
         self.seed = seed
+        self.is_cached = is_cached
+        self.batch_size = batch_size
         self.epoch = 0
         self._draws: Dict[int, int] = {}
 
@@ -135,12 +237,29 @@ class ViewSampler(Sampler):
             self.views)
         return int(order[position])
 
-    def __iter__(self) -> Iterator[int]:
+    def _codes(self) -> Iterator[int]:
         for idx in self.sampler:
             idx = int(idx)
             count = self._draws.get(idx, 0)
             self._draws[idx] = count + 1
             yield idx * self.views + self.view_of(idx, self.epoch + count)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.is_cached is None:
+            yield from self._codes()
+            return
+        batch: List[int] = []
+        for code in self._codes():
+            batch.append(code)
+            if len(batch) == self.batch_size:
+                yield from self._marked(batch)
+                batch = []
+        yield from self._marked(batch)
+
+    def _marked(self, batch: List[int]) -> List[int]:
+        if batch and all(self.is_cached(code) for code in batch):
+            return [-1 - code for code in batch]
+        return batch
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -154,7 +273,11 @@ class ViewSampler(Sampler):
             self.sampler.set_epoch(epoch)
 
 
-def with_views(dataloader: DataLoader, views: int, seed: int) -> DataLoader:
+def with_views(dataloader: DataLoader,
+               views: int,
+               seed: int,
+               is_cached: Optional[Callable[[int], bool]] = None
+               ) -> DataLoader:
     """A copy of ``dataloader`` that yields views (:class:`ViewDataset`,
     :class:`ViewSampler`).
 
@@ -169,6 +292,11 @@ def with_views(dataloader: DataLoader, views: int, seed: int) -> DataLoader:
             size (as MMEngine's ``Runner.build_dataloader`` builds them).
         views (int): Views per sample.
         seed (int): Seed of the views and their draws.
+        is_cached (Callable[[int], bool], optional): Called in the main
+            process; a batch whose codes are all cached is not loaded and
+            comes as a :class:`SkippedBatch` (the other batches as the
+            ``collate_fn`` makes them). Defaults to None: every batch is
+            loaded.
 
     Returns:
         DataLoader: The new loader.
@@ -185,9 +313,11 @@ def with_views(dataloader: DataLoader, views: int, seed: int) -> DataLoader:
     return DataLoader(
         ViewDataset(dataloader.dataset, views, seed),
         batch_size=dataloader.batch_size,
-        sampler=ViewSampler(dataloader.sampler, views, seed),
+        sampler=ViewSampler(dataloader.sampler, views, seed, is_cached,
+                            dataloader.batch_size),
         num_workers=dataloader.num_workers,
-        collate_fn=dataloader.collate_fn,
+        collate_fn=(dataloader.collate_fn if is_cached is None else
+                    _SkipCollate(dataloader.collate_fn)),
         pin_memory=dataloader.pin_memory,
         drop_last=dataloader.drop_last,
         timeout=dataloader.timeout,

@@ -2,9 +2,11 @@ import hashlib
 import json
 import os
 import os.path as osp
+import pickle
 import tempfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,9 +15,10 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
+from mmengine.structures import BaseDataElement
 
 from ..cache import FeatureStore
-from ..datasets.views import dataset_fingerprint, with_views
+from ..datasets.views import SkippedBatch, dataset_fingerprint, with_views
 from ..frontier import Capture, Frontier, find_frontier
 from ..report import MB, format_table
 
@@ -28,6 +31,22 @@ class _Pass:
     """Counts of one pass over the data (an epoch)."""
     hits: int = 0  # samples whose frontier was read
     misses: int = 0  # samples computed (and stored when they fit)
+    unloaded: int = 0  # samples served without loading (of the hits)
+
+
+@dataclass
+class _Held:
+    """What a cached sample's batch needs besides its frontier: its packed
+    data sample (pickled, zlib-compressed) and its input's shape and dtype
+    (the input is replaced by a placeholder: the replay does not read it)."""
+    blob: bytes
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    def item(self) -> dict:
+        return dict(
+            inputs=torch.zeros((), dtype=self.dtype).expand(self.shape),
+            data_samples=pickle.loads(zlib.decompress(self.blob)))
 
 
 @dataclass
@@ -37,6 +56,9 @@ class _Step:
     tensors: Optional[List[torch.Tensor]] = None  # replay these
     missing: List[int] = field(default_factory=list)  # or capture, store these
     capture: Optional[Capture] = None
+    unloaded: bool = False  # the batch came without loading
+    # data samples of this batch to hold once their entry is valid
+    held: Dict[int, _Held] = field(default_factory=dict)
 
 
 @HOOKS.register_module()
@@ -61,6 +83,17 @@ class FrozenFeatureCacheHook(Hook):
     with the pipeline, its files), the data preprocessor's config, ``dtype``,
     ``views`` and ``seed``: anything else rebuilds it, with a log line. A run
     killed and started again reuses the entries it completed.
+
+    A cached sample is not even loaded: the hook keeps in RAM each stored
+    sample's packed data sample (labels, metainfo: taken before the data
+    preprocessor changes them) and its input's shape, and the loader yields
+    a batch whose samples all have both as a stub that the hook fills with
+    them and a placeholder input (the replay does not read it). A sample not
+    held (a resumed run, the other rank's entry) is loaded as usual and held
+    from then on. Loading is not skipped when the batch does not have the
+    ``inputs`` / ``data_samples`` form of MMEngine's packing transforms, or
+    when a ``GradientFilterHook`` measures gradient fidelity (it runs the
+    whole model on the batch).
 
     Args:
         views (int): Augmented views stored per sample; each pass over the
@@ -132,6 +165,11 @@ class FrozenFeatureCacheHook(Hook):
         self._total = _Pass()
         self._frozen_seconds = 0.0  # of the samples computed
         self._iters_in_pass = 0
+        # skip the loading of cached samples (set on the first batch)
+        self._skip = False
+        self._collate = None  # the loader's own collate_fn
+        self._held: Dict[int, _Held] = {}
+        self._held_bytes = 0
 
     def before_run(self, runner) -> None:
         """Check that the cache folder (default: the work_dir) can be
@@ -151,7 +189,9 @@ class FrozenFeatureCacheHook(Hook):
             return
         loop = runner.train_loop
         self._dataset = loop.dataloader.dataset
-        loop.dataloader = with_views(loop.dataloader, self.views, self.seed)
+        self._collate = loop.dataloader.collate_fn
+        loop.dataloader = with_views(loop.dataloader, self.views, self.seed,
+                                     self._is_cached)
         if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop
             loop.dataloader_iterator = type(loop.dataloader_iterator)(
                 loop.dataloader)
@@ -168,15 +208,28 @@ class FrozenFeatureCacheHook(Hook):
             self._setup(runner, data_batch)
             if not self.enabled:
                 return
-        indices = _cache_indices(data_batch)
+        unloaded = isinstance(data_batch, SkippedBatch)
+        if unloaded:
+            indices = list(data_batch['codes'])
+            batch = self._collate([self._held[i].item() for i in indices])
+            data_batch.clear()
+            data_batch.update(batch)
+        else:
+            indices = _cache_indices(data_batch)
         missing = [i for i in indices if not self.store.contains(i)]
+        if missing and unloaded:  # entries are never invalidated in a run
+            raise RuntimeError(f'{NAME}: entries {missing} of a batch served '
+                               'without loading are not valid')
         if missing:
-            self._step = _Step(indices, missing=missing)
+            self._step = _Step(indices, missing=missing,
+                               held=self._to_hold(data_batch, indices))
             return
         device = next(_unwrap(runner.model).parameters()).device
-        self._step = _Step(indices, tensors=[
-            t.to(device, non_blocking=True)
-            for t in self.store.get_batch(indices)])
+        self._step = _Step(
+            indices, unloaded=unloaded,
+            held={} if unloaded else self._to_hold(data_batch, indices),
+            tensors=[t.to(device, non_blocking=True)
+                     for t in self.store.get_batch(indices)])
 
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[dict] = None,
@@ -188,6 +241,7 @@ class FrozenFeatureCacheHook(Hook):
             return  # the step did not go through the cache
         if step.tensors is not None:
             self._pass.hits += len(step.indices)
+            self._pass.unloaded += len(step.indices) if step.unloaded else 0
         else:
             self._pass.misses += len(step.indices)
             self._frozen_seconds += step.capture.frozen_seconds
@@ -197,6 +251,10 @@ class FrozenFeatureCacheHook(Hook):
                 if index in missing:
                     missing.discard(index)  # a code twice in one batch
                     self.store.put(index, [t[j] for t in rows])
+        for index, held in step.held.items():
+            if self.store.contains(index):
+                self._held[index] = held
+                self._held_bytes += len(held.blob)
         self._iters_in_pass += 1
         if (not isinstance(runner.train_loop, EpochBasedTrainLoop) and
                 self._iters_in_pass >= len(runner.train_loop.dataloader)):
@@ -228,6 +286,59 @@ class FrozenFeatureCacheHook(Hook):
         step.capture = capture
         return outputs
 
+    def _is_cached(self, code: int) -> bool:
+        """Whether the sample of ``code`` need not be loaded: its data
+        sample is held and its entry valid (asked by the loader's sampler in
+        the main process)."""
+        return (self._skip and self.enabled and code in self._held
+                and self.store.contains(code))
+
+    def _to_hold(self, data_batch: dict, indices: List[int]
+                 ) -> Dict[int, _Held]:
+        """What to keep of the batch's samples not held yet, taken before
+        the data preprocessor changes the data samples in place."""
+        if not self._skip:
+            return {}
+        inputs = data_batch['inputs']
+        held = {}
+        for j, index in enumerate(indices):
+            if index in self._held or index in held:
+                continue
+            blob = zlib.compress(
+                pickle.dumps(data_batch['data_samples'][j],
+                             pickle.HIGHEST_PROTOCOL), 1)
+            held[index] = _Held(blob, tuple(inputs[j].shape), inputs[j].dtype)
+        return held
+
+    def _skip_loading(self, runner, data_batch: dict) -> bool:
+        """Whether cached samples can be served without loading: the batch
+        is ``inputs`` (a tensor or a list of per-sample tensors) and
+        ``data_samples``, and no hook reads the real inputs of each batch."""
+        why = None
+        samples = data_batch.get('data_samples')
+        inputs = data_batch.get('inputs')
+        if set(data_batch) != {'inputs', 'data_samples'}:
+            why = f'the batch has the keys {sorted(data_batch)}'
+        elif not (isinstance(samples, (list, tuple)) and all(
+                isinstance(s, BaseDataElement) for s in samples)):
+            why = 'its data_samples are not a list of data elements'
+        elif not (isinstance(inputs, torch.Tensor) or (
+                isinstance(inputs, (list, tuple))
+                and all(isinstance(t, torch.Tensor) for t in inputs))):
+            why = 'its inputs are not tensors'
+        elif len(inputs) != len(samples):
+            why = 'its inputs and data_samples differ in length'
+        else:
+            monitors = [type(h).__name__ for h in runner.hooks
+                        if getattr(h, 'fidelity_interval', None)]
+            if monitors:
+                why = (f'{monitors[0]} measures gradient fidelity on the '
+                       'loaded batches')
+        if why is not None:
+            runner.logger.info(f'{NAME}: cached samples are loaded all the '
+                               f'same: {why}')
+        return why is None
+
     def _disable(self, runner, why: str) -> None:
         self.enabled = False
         runner.logger.info(f'{NAME}: {why}: the hook does nothing')
@@ -250,6 +361,7 @@ class FrozenFeatureCacheHook(Hook):
                           'part (empty frontier)')
             return
         self.frontier = frontier
+        self._skip = self._skip_loading(runner, data_batch)
         capacity = len(self._dataset) * self.views
         kwargs = dict(root=self.root, key=self._key(runner, frontier),
                       specs=frontier.specs, capacity=capacity,
@@ -314,17 +426,21 @@ class FrozenFeatureCacheHook(Hook):
         saved = p.hits * per_sample
         store = self.store
         hub = runner.message_hub
+        ram = store.ram_bytes + self._held_bytes
         for name, value in (('hit_rate', hit_rate),
                             ('entries', store.num_entries),
-                            ('ram_mb', store.ram_bytes / MB),
+                            ('unloaded', p.unloaded),
+                            ('ram_mb', ram / MB),
                             ('disk_mb', store.disk_bytes / MB),
                             ('saved_s', saved)):
             hub.update_scalar(f'cache/{name}', value)
         runner.logger.info(
             f'{NAME}: this pass read {p.hits} of {p.hits + p.misses} samples '
-            f'from the cache (hit rate {100 * hit_rate:.1f}%); '
+            f'from the cache (hit rate {100 * hit_rate:.1f}%), {p.unloaded} '
+            f'of them without loading; '
             f'{store.num_entries} of {store.capacity} entries valid, '
-            f'{_mb(store.ram_bytes)} in RAM, {_mb(store.disk_bytes)} on disk; '
+            f'{_mb(ram)} in RAM ({_mb(self._held_bytes)} of it data samples '
+            f'of {len(self._held)} entries), {_mb(store.disk_bytes)} on disk; '
             f'frozen forward saved '
             f'{saved:.2f} s ({1000 * per_sample:.2f} ms per sample)')
 

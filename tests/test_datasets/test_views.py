@@ -16,8 +16,9 @@ import torch
 from mmengine.dataset import BaseDataset, DefaultSampler, InfiniteSampler
 
 from mmgradfilt.datasets import views as views_module
-from mmgradfilt.datasets.views import (ViewDataset, ViewSampler,
-                                       dataset_fingerprint, with_views)
+from mmgradfilt.datasets.views import (Skipped, SkippedBatch, ViewDataset,
+                                       ViewSampler, dataset_fingerprint,
+                                       with_views)
 
 SEG_SPLITS = dict(train=('source', 6))
 LOAD = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')]
@@ -112,6 +113,16 @@ def test_global_rng_unchanged_and_deterministic_pipeline_unchanged(seg_root):
     before = rng_states()
     views[3]
     assert_same_rng(before, rng_states())
+    # a batch (PyTorch's loaders call __getitems__): the same items, the
+    # marked code not loaded, the states restored
+    items = views.__getitems__([3, -1 - 5, 4])
+    assert_same_rng(before, rng_states())
+    for item, code in zip([items[0], items[2]], [3, 4]):
+        image, label = image_and_label(item)
+        assert torch.equal(image, image_and_label(views[code])[0])
+        assert torch.equal(label, image_and_label(views[code])[1])
+        assert item['data_samples'].cache_index == code
+    assert isinstance(items[1], Skipped) and items[1].code == 5
 
     plain = seg_dataset(seg_root, LOAD + [dict(type='PackSegInputs')])
     wrapped = ViewDataset(plain, views=1, seed=0)
@@ -236,6 +247,33 @@ def test_with_views_1_equals_the_loader(sampler):
             assert a.cache_index == a.sample_idx == b.sample_idx
     if sampler == 'DefaultSampler':
         assert [len(b['inputs']) for b in new] == [4, 4, 4, 2]
+
+
+@pytest.mark.parametrize('num_workers', [0, 1])
+def test_with_views_skips_batches_all_cached(num_workers):
+    loader = digits_loader(num_workers=num_workers)
+    codes = [[s.cache_index for s in batch['data_samples']]
+             for batch in with_views(loader, views=1, seed=0)]
+    assert [len(c) for c in codes] == [4, 4, 4, 2]
+    # batches 0 and 2 cached, and one sample of batch 1: it is loaded
+    cached = set(codes[0] + codes[2] + codes[1][:1])
+    loaded = []
+    if num_workers == 0:  # count what the pipeline really sees
+        prepare = loader.dataset.prepare_data
+        loader.dataset.prepare_data = lambda i: loaded.append(i) or prepare(i)
+    viewed = with_views(loader, views=1, seed=0,
+                        is_cached=lambda code: code in cached)
+    batches = list(viewed)
+    for j in (0, 2):
+        assert type(batches[j]) is SkippedBatch
+        assert batches[j] == dict(codes=codes[j])
+    for j in (1, 3):
+        assert set(batches[j]) == {'inputs', 'data_samples'}
+        assert [s.cache_index for s in batches[j]['data_samples']] == codes[j]
+    if num_workers == 0:
+        assert sorted(loaded) == sorted(codes[1] + codes[3])
+    with pytest.raises(RuntimeError, match='mixes skipped and loaded'):
+        viewed.collate_fn([Skipped(0), viewed.dataset[1]])
 
 
 def test_with_views_keeps_loader_settings():

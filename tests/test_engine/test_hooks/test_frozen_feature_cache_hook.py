@@ -171,16 +171,35 @@ def assert_same_training(runner, recorder, ref_runner, ref_recorder):
                                    msg=name)
 
 
+def counting_loads(monkeypatch):
+    """The sample indices the training pipeline runs on, in order."""
+    from mmengine.dataset import BaseDataset
+    loads = []
+    prepare = BaseDataset.prepare_data
+
+    def counted(self, idx):
+        loads.append(idx)
+        return prepare(self, idx)
+
+    monkeypatch.setattr(BaseDataset, 'prepare_data', counted)
+    return loads
+
+
 def test_seg_demo_trains_exactly_as_without_and_skips_the_backbone(
-        digits_seg_root, tmp_path):
+        digits_seg_root, tmp_path, monkeypatch):
+    loads = counting_loads(monkeypatch)
     cfg = seg_cfg(digits_seg_root, tmp_path / 'ref')
     ref_runner, ref = train(cfg)
+    assert len(loads) == 16
+    loads.clear()
     cfg = seg_cfg(digits_seg_root, tmp_path / 'cached')
     runner, rec = train(cfg, dict(EXACT))
     assert_same_training(runner, rec, ref_runner, ref)
-    # pass 1 computes the backbone, pass 2 reads its outputs
+    # pass 1 computes the backbone, pass 2 reads its outputs, and does not
+    # even load the images
     assert ref.runs == [1, 1, 1, 1]
     assert rec.runs == [1, 1, 0, 0]
+    assert sorted(loads) == list(range(8))
     hook = cache_hook(runner)
     assert names_of(hook) == ['backbone[3]', 'decode_head.image_pool']
     assert hook.store.num_entries == 8
@@ -191,8 +210,9 @@ def test_seg_demo_trains_exactly_as_without_and_skips_the_backbone(
     assert 'backbone[3]             128x8x8  32,768' in log
     assert 'this pass read 0 of 8 samples from the cache (hit rate 0.0%)' \
         in log
-    assert 'this pass read 8 of 8 samples from the cache (hit rate 100.0%)' \
-        in log
+    assert ('this pass read 8 of 8 samples from the cache (hit rate 100.0%), '
+            '8 of them without loading') in log
+    assert runner.message_hub.get_scalar('cache/unloaded').current() == 8
     assert osp.isdir(osp.join(tmp_path, 'cached', 'frozen_feature_cache'))
     # the model's own train_step is back after training
     assert 'train_step' not in runner.model.__dict__
@@ -228,7 +248,22 @@ def test_cls_demo_trains_exactly_as_without(tmp_path):
     assert names_of(cache_hook(runner)) == ['backbone.layer3']
     assert ref.runs == [1, 1, 1, 1] and rec.runs == [1, 1, 0, 0]
     log = log_of(runner)
-    assert 'hit rate 0.0%' in log and 'hit rate 100.0%' in log
+    assert 'hit rate 0.0%' in log
+    assert 'hit rate 100.0%), 8 of them without loading' in log
+
+
+def test_cls_demo_with_a_loader_worker(tmp_path):
+    """Samples skipped by the sampler in the main process, stubs made in the
+    worker: the same training."""
+    pytest.importorskip('mmpretrain', reason='needs MMPretrain')
+    ref_runner, ref = train(cls_cfg(tmp_path / 'ref'),
+                            path='backbone.layer1.0')
+    cfg = cls_cfg(tmp_path / 'cached')
+    cfg.train_dataloader.num_workers = 1
+    runner, rec = train(cfg, dict(EXACT), path='backbone.layer1.0')
+    assert_same_training(runner, rec, ref_runner, ref)
+    assert rec.runs == [1, 1, 0, 0]
+    assert 'hit rate 100.0%), 8 of them without loading' in log_of(runner)
 
 
 def test_frozen_weight_change_rebuilds(digits_seg_root, tmp_path):
