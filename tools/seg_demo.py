@@ -168,8 +168,7 @@ def main() -> None:
         fine_tune(label, config(name),
                   osp.join(args.work_dir, name + ('_lean' if lean else '')),
                   lean)
-    # a budget the plain filtered layers alone do not meet: half of what
-    # vanilla enc5L keeps for backward
+    # the planner's budget: half of what vanilla enc5L keeps for backward
     budget = rows[next(iter(VARIANTS))][2] / 2 / MB
     plan_dir = osp.join(args.work_dir, 'plan')
     run(['python', 'tools/plan.py', config(FULL), '--max-saved-mb',
