@@ -2,9 +2,11 @@
 
 Config mode: builds the config's model as vanilla (the config's freezing, no
 filter: PyTorch's backward), filtered (its GradientFilterHook without the
-lean step), filtered+lean (the hook as configured, lean_memory=True) and,
-with ``--filter-norm``, filtered+lean+norm (filter_norm=True),
-and times forward, backward and optimizer step on a synthetic batch of the
+lean step), filtered+lean (the hook as configured, lean_memory=True),
+with ``--filter-norm`` filtered+lean+norm (filter_norm=True), and
+filtered+lean+cache (filtered+lean trained from FrozenFeatureCacheHook's
+stored frontier once every entry is stored: the frozen part not run), and
+times forward, backward and optimizer step on a synthetic batch of the
 config's training size, with saved-activation memory (by kind of module),
 peak memory (and the phase of the step that holds it) and backward FLOPs of
 the filtered layers.
@@ -20,12 +22,13 @@ from typing import Dict, Sequence
 import torch
 from mmengine.utils import ProgressBar, mkdir_or_exist
 
+from mmgradfilt.benchmark.cached import CACHED, CachedStep, NotCacheable
 from mmgradfilt.benchmark.layers import (bench_layers, layer_legend,
                                          layer_table, load_layer_suite)
-from mmgradfilt.benchmark.tables import (TIMES, csv_table, layers_table,
-                                         memory_table, peak_notes, plot_layers,
-                                         plot_step, ratio, step_legend,
-                                         step_table)
+from mmgradfilt.benchmark.tables import (TIMES, cache_notes, csv_table,
+                                         layers_table, memory_table,
+                                         peak_notes, plot_layers, plot_step,
+                                         ratio, step_legend, step_table)
 from mmgradfilt.benchmark.step import (LEAN_NORM, VARIANTS, Variant,
                                        build_variants, measure_step,
                                        step_size, synthetic_batch, time_steps)
@@ -69,6 +72,10 @@ def parse_args() -> argparse.Namespace:
                         'BatchNorms), unless filtered+lean has it already '
                         '(to see the exact lean step then, give the hook '
                         'filter_norm=False with --cfg-options)')
+    parser.add_argument('--no-cache', action='store_true',
+                        help='config mode: do not measure filtered+lean+cache '
+                        '(filtered+lean trained from FrozenFeatureCacheHook\'s '
+                        'stored frontier, every entry stored)')
     parser.add_argument('--iters', type=int, default=10, metavar='N',
                         help='timed repeats (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3, metavar='N',
@@ -103,7 +110,8 @@ def environment(args: argparse.Namespace, batch_size: int) -> dict:
 def variant_ratios(result: Dict, variants: Sequence[Variant]) -> Dict:
     """For each model after vanilla: vanilla / model for times (paired),
     saved and peak memory; for the lean ones also their step time /
-    filtered's (paired)."""
+    filtered's (paired); for the cached one filtered+lean's step time / its
+    own (paired)."""
     van = result['vanilla']
     ratios = {}
     for variant in variants[1:]:
@@ -118,6 +126,9 @@ def variant_ratios(result: Dict, variants: Sequence[Variant]) -> Dict:
         if variant.key != 'filtered':
             ratios[variant.key]['step_vs_filtered'] = paired_ratio(
                 res['step'], result['filtered']['step'])
+        if variant.step is CachedStep:
+            ratios[variant.key]['speedup_vs_lean'] = paired_ratio(
+                result['lean']['step'], res['step'])
     return ratios
 
 
@@ -130,14 +141,21 @@ def run_config(args: argparse.Namespace, device: torch.device,
     except ValueError as e:
         raise SystemExit(str(e)) from None
     env = environment(args, batch_size)
-    variants = (*VARIANTS, LEAN_NORM) if args.filter_norm else VARIANTS
+    variants = (*VARIANTS, *([LEAN_NORM] if args.filter_norm else []),
+                *([] if args.no_cache else [CACHED]))
     batch = synthetic_batch(cfg, batch_size, size)
-    steps, paths, settings = build_variants(cfg, device, size, batch,
-                                            variants)
+    try:
+        steps, paths, settings = build_variants(cfg, device, size, batch,
+                                                variants)
+    except NotCacheable as e:
+        print(f'{CACHED.label} not measured: {e}')
+        variants = tuple(v for v in variants if v is not CACHED)
+        steps, paths, settings = build_variants(cfg, device, size, batch,
+                                                variants)
     if args.filter_norm and settings['lean']['filter_norm']:
         # the config's lean step filters its norms already: the same model
         print('--filter-norm: filtered+lean has filter_norm=True already')
-        variants = VARIANTS
+        variants = tuple(v for v in variants if v is not LEAN_NORM)
         del steps[LEAN_NORM.key]
     labels = ', '.join(v.label for v in variants)
     print(f'{osp.basename(args.config)}: {what}, {args.device} '
@@ -153,6 +171,8 @@ def run_config(args: argparse.Namespace, device: torch.device,
     for key, step in steps.items():
         measured = measure_step(step, device, paths, iters=args.iters)
         result[key] = dict(timings[key], **measured.to_dict(paths))
+        if isinstance(step, CachedStep):
+            result[key].update(step.cache_info())
     result['ratios'] = variant_ratios(result, variants)
     peak_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
                  else 'the CPU allocator\'s peak (torch.profiler memory '
@@ -161,7 +181,7 @@ def run_config(args: argparse.Namespace, device: torch.device,
     print()
     print('Where the memory goes:')
     print(memory_table(result).text())
-    print('\n'.join(peak_notes(result)))
+    print('\n'.join(peak_notes(result) + cache_notes(result)))
     print()
     print(layers_table(result).text())
     print()

@@ -9,6 +9,7 @@ back at every step, so the step trains on what the cache would give it. The
 forward runs inside :meth:`~mmgradfilt.frontier.Frontier.replay`: nothing
 upstream of the frontier runs.
 """
+import logging
 import tempfile
 import time
 from typing import Dict, List
@@ -16,6 +17,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 from mmengine.config import ConfigDict
+from mmengine.logging import MMLogger
 
 from ..cache import FeatureStore
 from ..frontier import find_frontier
@@ -67,11 +69,18 @@ class CachedStep(TrainStep):
         # the batch's entries all fit the RAM tier, as in a run whose cache
         # fits the memory budget
         bytes_per_sample = self.frontier.bytes_per_sample(self.dtype)
-        self.store = FeatureStore(
-            self._dir.name, dict(benchmark=[t.name for t in
-                                            self.frontier.tensors]),
-            self.frontier.specs, size, dtype=self.dtype,
-            max_memory_mb=2 * size * bytes_per_sample / MB + 1)
+        # the store's log line names a temporary folder: nothing to say
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            self.store = FeatureStore(
+                self._dir.name, dict(benchmark=[t.name for t in
+                                                self.frontier.tensors]),
+                self.frontier.specs, size, dtype=self.dtype,
+                max_memory_mb=2 * size * bytes_per_sample / MB + 1)
+        finally:
+            logger.setLevel(level)
         rows = self._capture()
         for i in self.indices:
             if not self.store.put(i, [t[i] for t in rows]):

@@ -81,14 +81,49 @@ def _ratios(result: Dict, key: str) -> Dict:
     return result['ratios'].get(key, {})
 
 
+def _has_lean_speedup(result: Dict) -> bool:
+    """Whether a model has its step's speed-up against filtered+lean (the
+    cached one)."""
+    return any('speedup_vs_lean' in r for r in result['ratios'].values())
+
+
+def _cached(result: Dict) -> List[Dict]:
+    """The variants trained from a feature store (their result has
+    ``cache_bytes_per_sample``)."""
+    return [v for v in variants(result)
+            if 'cache_bytes_per_sample' in result[v['key']]]
+
+
+def cache_notes(result: Dict) -> List[str]:
+    """One line per cached model: the frontier it reads, its bytes per
+    sample, the modules it skips and the time of its reads."""
+    lines = []
+    for variant in _cached(result):
+        res = result[variant['key']]
+        tensors = ', '.join(
+            f"{t['name']} {'x'.join(map(str, t['shape']))}"
+            for t in res['frontier'])
+        read = res.get('cache_read')
+        lines.append(
+            f"{variant['label']}: reads {tensors} from the store, "
+            f"{res['cache_bytes_per_sample'] / 2**10:,.1f} KiB per sample in "
+            f"{res['cache_dtype']}; skips {', '.join(res['skipped'])}" + (
+                '' if read is None else
+                f"; the read (part of its forward) {read['median']:.1f} ms"))
+    return lines
+
+
 def step_table(result: Dict) -> Table:
     """The whole step of each model, printed: phase medians [quartiles],
     the step time against vanilla and against filtered, saved and peak
     memory with their vanilla/model ratios and the phase of the peak."""
     kernels = 'step_kernel_ms' in result['vanilla']
+    vs_lean = _has_lean_speedup(result)
     columns = [Column('model', 'model'),
                *(Column(f'{p} ms', p) for p in TIMES),
                Column('speedup', 'step_speedup', '.2f', 'x'),
+               *([Column('speedup vs lean', 'step_speedup_vs_lean', '.2f', 'x')]
+                 if vs_lean else []),
                Column('step vs filtered', 'step_vs_filtered', '.2f', 'x'),
                Column('saved MB', 'saved', '.1f'),
                Column('saved ratio', 'saved_ratio', '.2f', 'x'),
@@ -101,7 +136,9 @@ def step_table(result: Dict) -> Table:
     for variant in variants(result):
         res, ratios = result[variant['key']], _ratios(result, variant['key'])
         row = [variant['label'], *(_ms(res[p]) for p in TIMES),
-               ratios.get('step'), ratios.get('step_vs_filtered'),
+               ratios.get('step'),
+               *([ratios.get('speedup_vs_lean')] if vs_lean else []),
+               ratios.get('step_vs_filtered'),
                res['saved_bytes'] / MB, ratios.get('saved'),
                res['peak_bytes'] / MB, ratios.get('peak'), res['peak_phase']]
         if kernels:
@@ -201,6 +238,17 @@ def csv_table(result: Dict) -> Table:
     cells += [(Column(f'step vs filtered ({k})', f'step_{k}_vs_filtered_x',
                       '.2f', 'x'), _ratios(result, k)['step_vs_filtered'])
               for k in later]
+    cells += [(Column(f'step speedup vs lean ({k})',
+                      f'step_{k}_speedup_vs_lean_x', '.2f', 'x'),
+               _ratios(result, k)['speedup_vs_lean'])
+              for k in later if 'speedup_vs_lean' in _ratios(result, k)]
+    for v in _cached(result):
+        k = v['key']
+        cells += [(Column(f'cache per sample MB ({k})',
+                          f'cache_per_sample_{k}_MB', '.4f'),
+                   res[k]['cache_bytes_per_sample'] / MB),
+                  (Column(f'cache read ms ({k})', f'cache_read_{k}_ms', '.2f'),
+                   (res[k].get('cache_read') or {}).get('median'))]
     cells += [(Column(f'peak phase ({k})', f'peak_phase_{k}'),
                res[k]['peak_phase']) for k in keys]
     for phase in STEP_PHASES:
@@ -238,6 +286,9 @@ def step_legend(result: Dict, peak_kind: str) -> str:
         'steps\' ratios); above 1 the model is faster or needs less',
         'step vs filtered: the model\'s step time / filtered\'s (median of '
         'the steps\' ratios), the cost of the lean step',
+        *(['speedup vs lean: filtered+lean\'s step time / the model\'s '
+           '(median of the steps\' ratios)'] if _has_lean_speedup(result)
+          else []),
         'saved MB: tensors autograd keeps for backward in one forward pass '
         '(in the model, or in the layer)',
         'saved <kind> MB: by the innermost module running when a tensor was '
@@ -283,7 +334,11 @@ def plot_step(path: str, result: Dict, title: str) -> None:
     ax_p.legend(fontsize=8)
     for ax in (ax_t, ax_s, ax_p):
         ax.tick_params(axis='x', labelsize=8, rotation=15)
-    fig.suptitle(title)
+    notes = [f"{v['label']}: trained from the stored frontier "
+             f"({result[v['key']]['cache_bytes_per_sample'] / 2**10:,.1f} KiB "
+             f"per sample, {result[v['key']]['cache_dtype']}), the frozen "
+             'part upstream not run' for v in _cached(result)]
+    fig.suptitle('\n'.join([title, *notes]))
     save_figure(fig, path)
 
 

@@ -1,7 +1,12 @@
 """The benchmark's ``cached`` variant: the lean step trained from stored
 frontier tensors, the frozen part upstream not run."""
+import csv
 import dataclasses
 import functools
+import json
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +163,50 @@ def test_nothing_frozen_is_not_cacheable():
         prepare_step(build_model(cfg), GradientFilterRecipe(),
                      cfg.optim_wrapper, synthetic_batch(cfg, 2, size), CPU,
                      CachedStep)
+
+
+def run_tool(*args):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_tool_reports_the_cached_step(tmp_path):
+    out = tmp_path / 'out'
+    stdout = run_tool(SEG, '--batch-size', '2', '--iters', '2', '--warmup',
+                      '0', '--out', str(out))
+    result = json.loads((out / 'benchmark.json').read_text())
+    assert [v['key'] for v in result['variants']][-1] == 'cached'
+    cached, lean = result['cached'], result['lean']
+    # the tiny DeepLabV3: backbone[3] (128x8x8) and the image pool (32x1x1)
+    assert cached['cache_dtype'] == 'float16'
+    assert cached['cache_bytes_per_sample'] == (128 * 8 * 8 + 32) * 2
+    assert cached['skipped'] == ['backbone', 'decode_head.image_pool']
+    assert cached['saved_bytes'] <= lean['saved_bytes']
+    ratios = result['ratios']['cached']
+    assert ratios['speedup_vs_lean'] == pytest.approx(statistics.median(
+        a / b for a, b in zip(lean['step']['samples'],
+                              cached['step']['samples'])))
+    assert 'filtered+lean+cache' in stdout and 'speedup vs lean' in stdout
+    assert 'reads backbone[3] 128x8x8, decode_head.image_pool 32x1x1 from ' \
+        'the store, 16.1 KiB per sample in float16' in stdout
+    legend = stdout.split('filtered layers (sum)')[1]
+    assert 'filtered+lean+cache: filtered+lean with FrozenFeatureCacheHook' \
+        in legend
+    assert 'FeatureStore' not in stdout  # its temporary folder says nothing
+    with (out / 'benchmark.csv').open() as f:
+        whole = next(csv.DictReader(f))
+    assert float(whole['cache_per_sample_cached_MB']) == pytest.approx(
+        cached['cache_bytes_per_sample'] / 2**20, abs=1e-4)
+    assert float(whole['step_cached_speedup_vs_lean_x']) == pytest.approx(
+        ratios['speedup_vs_lean'], abs=0.01)
+    assert (out / 'benchmark.png').read_bytes()[:4] == b'\x89PNG'
+    # --no-cache leaves it out
+    run_tool(SEG, '--batch-size', '2', '--iters', '1', '--warmup', '0',
+             '--out', str(out), '--no-cache')
+    result = json.loads((out / 'benchmark.json').read_text())
+    assert 'cached' not in result
+    assert [v['key'] for v in result['variants']] == [
+        'vanilla', 'filtered', 'lean']

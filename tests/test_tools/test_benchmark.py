@@ -95,9 +95,16 @@ def test_config_mode(tmp_path, text, size, layers, options):
     # lean step does not have it already
     extra = filter_norm and not settings[2]['filter_norm']
     assert extra == bool(options)
-    keys = ['vanilla', 'filtered', 'lean', *(['lean_norm'] * extra)]
+    # the cached step is measured where the frozen part is a function of
+    # the sample: not with the seg config's frozen auxiliary head (dropout)
+    cached = text is CLS_CONFIG
+    assert ('filtered+lean+cache not measured: auxiliary_head.dropout: '
+            'active dropout' in stdout) == (not cached)
+    keys = ['vanilla', 'filtered', 'lean', *(['lean_norm'] * extra),
+            *(['cached'] * cached)]
     labels = ['vanilla', 'filtered', 'filtered+lean',
-              *(['filtered+lean+norm'] * extra)]
+              *(['filtered+lean+norm'] * extra),
+              *(['filtered+lean+cache'] * cached)]
     assert [v['key'] for v in result['variants']] == keys
     assert [v['label'] for v in result['variants']] == labels
     if extra:
