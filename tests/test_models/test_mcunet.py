@@ -28,7 +28,9 @@ PARAMS_5FPS, MACS_5FPS = 0.64e6, 12.8e6
 
 
 def build(net_config=None, **kwargs):
-    return MODELS.build(dict(type='MCUNet', net_config=net_config, **kwargs))
+    # in MMPretrain's scope whatever scope an earlier test left as default
+    return MODELS.build(dict(type='MCUNet', _scope_='mmpretrain',
+                             net_config=net_config, **kwargs))
 
 
 def imagenet_classifier(**backbone):
