@@ -7,12 +7,15 @@
 4. fine-tunes it on the shifted domain with vanilla back-propagation
    (enc5L) and with gradient filtering (filt5L) on the same 5 layers, both
    without the lean step (``lean_memory=False``), then filt5L with it (its
-   config's default);
+   config's default), and filt5L with it and ``FrozenFeatureCacheHook``
+   (the frozen part's output stored in the first pass over the data, read
+   afterwards);
 5. plans with ``tools/plan.py`` what to train within half the saved bytes
    of enc5L, and fine-tunes that plan the same way;
 6. prints a table: mIoU, train time per iteration (MMEngine's log), the
-   bytes autograd keeps for backward in one training forward pass (in total
-   and by convs) and the peak memory of a training step.
+   wall clock of the whole fine-tuning run, the bytes autograd keeps for
+   backward in one training forward pass (in total and by convs) and the
+   peak memory of a training step.
 
 Every step is an ordinary ``tools/train.py`` / ``tools/test.py`` command,
 printed before it runs.
@@ -22,6 +25,7 @@ import glob
 import json
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +44,8 @@ VARIANTS = {
     'filt5L + lean (the config\'s default)': (FILT5L, True),
 }
 PLAN_LABEL = 'plan for half of enc5L\'s saved bytes (tools/plan.py)'
+CACHE_LABEL = 'filt5L + lean + cache'
+CACHE_HOOK = dict(type='FrozenFeatureCacheHook', views=1, dtype='float16')
 MB = 2.0**20
 # the demo configs' GradientFilterHook is their first custom hook
 WITHOUT_LEAN = ['custom_hooks.0.lean_memory=False',
@@ -48,8 +54,12 @@ MEMORY_NOTE = (
     'enc5L and filt5L train and are measured without the lean step '
     '(lean_memory=False: PyTorch\'s step around the filtered convs), '
     'filt5L + lean as its config says, the plan as tools/plan.py wrote it '
-    '(lean). Memory: one training step on a batch of 8, tools/benchmark.py\'s '
-    'measurement.')
+    '(lean). filt5L + lean + cache adds FrozenFeatureCacheHook (views=1, '
+    'float16) to filt5L + lean, its store emptied first: its time includes '
+    'the pass that fills the store. Wall clock: the whole tools/train.py '
+    'run (start-up, data loading, training, validation, checkpoint). '
+    'Memory: one training step on a batch of 8, tools/benchmark.py\'s '
+    'measurement (for the cache, a step that reads the store).')
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,12 +110,26 @@ def test_miou(work_dir: str) -> float:
         return json.load(f)['mIoU']
 
 
-def step_memory(cfg_file: str, data_root: str,
-                lean: bool) -> Tuple[int, int, int]:
+def cache_config(work_dir: str) -> str:
+    """A config in ``work_dir``: filt5L with ``FrozenFeatureCacheHook``
+    after its hooks; its path."""
+    from mmengine.config import Config
+    hooks = [dict(h) for h in Config.fromfile(config(FILT5L)).custom_hooks]
+    os.makedirs(work_dir, exist_ok=True)
+    path = osp.join(work_dir, FILT5L + '_cache.py')
+    with open(path, 'w') as f:
+        f.write(f'_base_ = [{osp.abspath(config(FILT5L))!r}]\n'
+                f'custom_hooks = {[*hooks, CACHE_HOOK]!r}\n')
+    return path
+
+
+def step_memory(cfg_file: str, data_root: str, lean: bool,
+                cached: bool = False) -> Tuple[int, int, int]:
     """What one training step of the config's model on one training batch
     needs, after its GradientFilterHook's surgery as ``tools/benchmark.py``
-    does it: as configured (``lean``: the lean step by default) or without
-    the lean step. The bytes autograd saves for backward in the forward
+    does it: as configured (``lean``: the lean step by default; ``cached``:
+    reading its frozen part's output from the cache) or without the lean
+    step. The bytes autograd saves for backward in the forward
     pass, in total and by convs (each storage once: filtered convs that pool
     one input share the pooled tensor), and the step's peak."""
     import torch
@@ -113,6 +137,7 @@ def step_memory(cfg_file: str, data_root: str,
     from mmengine.runner import Runner
 
     import mmgradfilt  # noqa: F401
+    from mmgradfilt.benchmark.cached import CACHED
     from mmgradfilt.benchmark.step import (FILTERED, LEAN, build_model,
                                            measure_step)
     from mmgradfilt.cli import quiet_third_party
@@ -123,7 +148,8 @@ def step_memory(cfg_file: str, data_root: str,
     cpu = torch.device('cpu')
     model = build_model(cfg)  # in the config's scope, which the data needs
     batch = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
-    step = (LEAN if lean else FILTERED).prepare(
+    variant = CACHED if cached else LEAN if lean else FILTERED
+    step = variant.prepare(
         model, recipe_from_config(cfg), cfg.optim_wrapper, batch, cpu)
     step.run()  # optimizer state exists, as in training
     result = measure_step(step, cpu)
@@ -153,23 +179,30 @@ def main() -> None:
     rows: Dict[str, list] = {
         'calib, not adapted': [
             test_miou(osp.join(args.work_dir, 'calib_on_shift')),
-            None, None, None, None]
+            None, None, None, None, None]
     }
-    def fine_tune(label: str, cfg_file: str, work_dir: str,
-                  lean: bool) -> None:
+    def fine_tune(label: str, cfg_file: str, work_dir: str, lean: bool,
+                  cached: bool = False) -> None:
+        started = time.perf_counter()
         run(['python', 'tools/train.py', cfg_file, '--work-dir', work_dir,
              '--cfg-options', f'load_from={ckpt}', *data_opt,
              *([] if lean else WITHOUT_LEAN)])
+        wall = time.perf_counter() - started
         scalars = last_scalars(work_dir)
-        rows[label] = [miou(scalars), train_time(scalars),
-                       *step_memory(cfg_file, args.data_root, lean)]
+        rows[label] = [miou(scalars), train_time(scalars), wall,
+                       *step_memory(cfg_file, args.data_root, lean, cached)]
 
     for label, (name, lean) in VARIANTS.items():
         fine_tune(label, config(name),
                   osp.join(args.work_dir, name + ('_lean' if lean else '')),
                   lean)
+    cache_dir = osp.join(args.work_dir, FILT5L + '_cache')
+    # an empty store: the run computes and stores every entry first
+    shutil.rmtree(osp.join(cache_dir, 'frozen_feature_cache'),
+                  ignore_errors=True)
+    fine_tune(CACHE_LABEL, cache_config(cache_dir), cache_dir, True, True)
     # the planner's budget: half of what vanilla enc5L keeps for backward
-    budget = rows[next(iter(VARIANTS))][2] / 2 / MB
+    budget = rows[next(iter(VARIANTS))][3] / 2 / MB
     plan_dir = osp.join(args.work_dir, 'plan')
     run(['python', 'tools/plan.py', config(FULL), '--max-saved-mb',
          f'{budget:.4f}', '--checkpoint', ckpt, '--out', plan_dir,
@@ -178,13 +211,15 @@ def main() -> None:
               osp.join(args.work_dir, 'plan_train'), True)
 
     lines = ['| run on the shifted domain | mIoU (%) | train time / iter (s) '
+             '| fine-tuning wall clock (s) '
              '| saved for backward, total (KiB) | by convs (KiB) '
              '| peak of a step (KiB) |',
-             '| --- | --- | --- | --- | --- | --- |']
+             '| --- | --- | --- | --- | --- | --- | --- |']
     for label, cells in rows.items():
         cells = ['-' if c is None else
                  (f'{c:.2f}' if i == 0 else f'{c:.4f}' if i == 1 else
-                  f'{c / 1024:.0f}') for i, c in enumerate(cells)]
+                  f'{c:.1f}' if i == 2 else f'{c / 1024:.0f}')
+                 for i, c in enumerate(cells)]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     lines += ['', MEMORY_NOTE]
     table = '\n'.join(lines)
