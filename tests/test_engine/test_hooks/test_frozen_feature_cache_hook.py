@@ -364,6 +364,38 @@ def test_bad_arguments(kwargs, error, message):
         FrozenFeatureCacheHook(**kwargs)
 
 
+def test_loading_skipped_only_for_packed_batches_nobody_else_reads():
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from mmengine.structures import BaseDataElement
+    hook = FrozenFeatureCacheHook()
+    samples = [BaseDataElement(), BaseDataElement()]
+    runner = MagicMock(hooks=[hook])
+    assert hook._skip_loading(runner, dict(inputs=torch.zeros(2, 3),
+                                           data_samples=samples))
+    assert hook._skip_loading(runner, dict(inputs=[torch.zeros(3)] * 2,
+                                           data_samples=samples))
+    runner.logger.info.assert_not_called()
+    for batch, why in [
+        (dict(inputs=torch.zeros(2, 3), data_samples=samples, extra=1),
+         "the batch has the keys ['data_samples', 'extra', 'inputs']"),
+        (dict(inputs=[torch.zeros(3)], data_samples=samples),
+         'its inputs and data_samples differ in length'),
+        (dict(inputs=['a', 'b'], data_samples=samples),
+         'its inputs are not tensors'),
+    ]:
+        assert not hook._skip_loading(runner, batch)
+        assert runner.logger.info.call_args[0][0] == (
+            'FrozenFeatureCacheHook: cached samples are loaded all the same: '
+            + why)
+    # the fidelity monitor runs the whole model on the loaded batch
+    runner.hooks = [SimpleNamespace(fidelity_interval=10), hook]
+    assert not hook._skip_loading(runner, dict(inputs=torch.zeros(2, 3),
+                                               data_samples=samples))
+    assert 'measures gradient fidelity' in runner.logger.info.call_args[0][0]
+
+
 def test_unwritable_cache_dir(tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
