@@ -1,4 +1,4 @@
 """The frozen-feature cache's storage: plain numpy and torch."""
-from .store import FeatureStore
+from .store import FeatureStore, check_writable
 
-__all__ = ['FeatureStore']
+__all__ = ['FeatureStore', 'check_writable']

@@ -44,7 +44,9 @@ def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _check_writable(root: str) -> None:
+def check_writable(root: str) -> None:
+    """Create ``root`` if needed and write a probe file there; a
+    ``ValueError`` naming it and why when that fails."""
     try:
         os.makedirs(root, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix='.write_probe'):
@@ -140,7 +142,7 @@ class FeatureStore:
             raise TypeError(
                 f'key must be JSON-serialisable, got {key!r}: {exc}') from exc
         self._specs = self._check_specs(specs)
-        _check_writable(root)
+        check_writable(root)
         self.root = root
         self.dtype = dtype
         self.max_disk_mb = max_disk_mb

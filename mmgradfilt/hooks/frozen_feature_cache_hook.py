@@ -2,10 +2,8 @@ import copyreg
 import hashlib
 import io
 import json
-import os
 import os.path as osp
 import pickle
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -20,7 +18,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 from mmengine.structures import BaseDataElement
 
-from ..cache import FeatureStore
+from ..cache import FeatureStore, check_writable
 from ..datasets.views import SkippedBatch, dataset_fingerprint, with_views
 from ..frontier import Capture, Frontier, find_frontier
 from ..report import MB, format_table
@@ -512,9 +510,6 @@ def _canonical(cfg: Any) -> str:
 
 def _check_writable(folder: str) -> None:
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_probe'):
-            pass
-    except OSError as exc:
-        raise ValueError(f'{NAME}: cache_dir {folder!r} cannot be written: '
-                         f'{exc}') from exc
+        check_writable(folder)
+    except ValueError as err:
+        raise ValueError(f'{NAME}: {err}') from None
