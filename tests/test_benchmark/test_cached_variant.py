@@ -2,7 +2,6 @@
 frontier tensors, the frozen part upstream not run."""
 import csv
 import dataclasses
-import functools
 import json
 import statistics
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.config import utils as cfg_utils
 
 from mmgradfilt.benchmark.cached import CACHED, CachedStep, NotCacheable
 from mmgradfilt.benchmark.step import (LEAN, build_model, build_variants,
@@ -35,16 +33,7 @@ class CachedFloat32(CachedStep):
 CACHED32 = dataclasses.replace(CACHED, key='cached32', step=CachedFloat32)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_cpu():
-    """Read the OpenMMLab metafiles once; one thread (changes no result)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cfg_utils, '_get_cfg_metainfo',
-                   functools.lru_cache(cfg_utils._get_cfg_metainfo))
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('fast_cpu')
 
 
 def steps_for(config, variants, batch_size=2):

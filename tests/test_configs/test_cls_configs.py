@@ -29,7 +29,9 @@ CONFIG_ROOT = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 CONFIGS = sorted(
     path for folder in ('mobilenet_v2', 'resnet', 'mcunet', 'demo_cls')
     for path in glob.glob(osp.join(CONFIG_ROOT, folder, '*.py')))
-VARIANT = re.compile(r'_(full|pretrain|base-last(\d)|filt-last(\d)-r(\d))_')
+# a '-cache' variant is its parent plus FrozenFeatureCacheHook
+VARIANT = re.compile(
+    r'_(full|pretrain|base-last(\d)|filt-last(\d)-r(\d))(-cache)?_')
 _models = {}  # built models by config, copied per test
 
 
@@ -103,6 +105,8 @@ def test_config(path):
     model = build_model(cfg)
     hooks = [h for h in cfg.custom_hooks if h.type == 'GradientFilterHook']
     assert len(hooks) == (kind in ('base', 'filt'))
+    assert len([h for h in cfg.custom_hooks
+                if h.type == 'FrozenFeatureCacheHook']) == bool(variant[5])
     for hook in hooks:
         HOOKS.build(hook).apply(model)
 

@@ -23,8 +23,10 @@ SEG_FOLDERS = ('deeplabv3', 'fcn', 'pspnet', 'upernet', 'demo_seg')
 CONFIGS = sorted(
     osp.relpath(path, CONFIG_ROOT) for folder in SEG_FOLDERS
     for path in glob.glob(osp.join(CONFIG_ROOT, folder, '*.py')))
+# a '-cache' variant is its parent plus FrozenFeatureCacheHook
 NAME = re.compile(r'(?P<model>[\w-]+?)_(?P<variant>calib|full|enc\d+L|'
-                  r'filt\d+L)_(?P<sched>\dxb\d-\d+k?)_(?P<data>[\w-]+)\.py')
+                  r'filt\d+L)(?P<cache>-cache)?_(?P<sched>\dxb\d-\d+k?)_'
+                  r'(?P<data>[\w-]+)\.py')
 SIZE = 32  # input side: 4x4 maps at output stride 8
 USER_EXAMPLE = 'demo_seg/example_user_filt10L_adamw.py'
 
@@ -196,7 +198,12 @@ def test_seg_config(config):
                                    calib + '.py')), cfg.load_from
 
     model = build_model(cfg)
-    hooks = [HOOKS.build(h) for h in cfg.get('custom_hooks', [])]
+    cache = [h for h in cfg.get('custom_hooks', [])
+             if h.type == 'FrozenFeatureCacheHook']
+    assert len(cache) == bool(NAME.fullmatch(osp.basename(config)) and
+                              NAME.fullmatch(osp.basename(config))['cache'])
+    hooks = [HOOKS.build(h) for h in cfg.get('custom_hooks', [])
+             if h not in cache]
     assert len(hooks) == (trained is not None)
     for hook in hooks:
         assert isinstance(hook, GradientFilterHook)

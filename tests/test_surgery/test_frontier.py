@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.config import utils as cfg_utils
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 
@@ -40,20 +39,7 @@ CLS = {
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_cpu():
-    """Read the OpenMMLab metafiles once; one thread and no denormals for
-    tiny random-weight models (changes no result)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cfg_utils, '_get_cfg_metainfo',
-                   functools.lru_cache(cfg_utils._get_cfg_metainfo))
-        mp.setattr(cfg_utils, 'load', functools.lru_cache(cfg_utils.load))
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures('fast_cpu')
 
 
 def build(config):

@@ -5,7 +5,6 @@ Run as a script, this file is the worker ``torchrun`` starts on each rank of
 the distributed test.
 """
 import copy
-import functools
 import os
 import os.path as osp
 import socket
@@ -16,7 +15,6 @@ import uuid
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.config import utils as cfg_utils
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
@@ -30,19 +28,7 @@ CLS_FULL = 'demo_cls/resnet18_full_1xb32-5e_digits-user1.py'
 EXACT = dict(type='FrozenFeatureCacheHook', views=1, dtype='float32')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_cpu():
-    """Read the OpenMMLab metafiles once, one thread, no denormals."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cfg_utils, '_get_cfg_metainfo',
-                   functools.lru_cache(cfg_utils._get_cfg_metainfo))
-        mp.setattr(cfg_utils, 'load', functools.lru_cache(cfg_utils.load))
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures('fast_cpu')
 
 
 @pytest.fixture(scope='module')
