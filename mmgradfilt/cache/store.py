@@ -44,6 +44,23 @@ def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def check_storage(dtype: str, max_memory_mb: Optional[float],
+                  max_disk_mb: Optional[float]) -> None:
+    """A ``ValueError`` or ``TypeError`` naming the bad value unless ``dtype``
+    is a storage dtype and each bound is a positive number or None."""
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {tuple(DTYPES)}, '
+                         f'got {dtype!r}')
+    for name, value in (('max_memory_mb', max_memory_mb),
+                        ('max_disk_mb', max_disk_mb)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f'{name} must be a number or None, got {value!r}')
+        if not value > 0:
+            raise ValueError(f'{name} must be > 0, got {value!r}')
+
+
 def check_writable(root: str) -> None:
     """Create ``root`` if needed and write a probe file there; a
     ``ValueError`` naming it and why when that fails."""
@@ -118,22 +135,11 @@ class FeatureStore:
                  max_disk_mb: Optional[float] = None,
                  create: bool = True,
                  fsync: bool = False) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f'dtype must be one of {tuple(DTYPES)}, '
-                             f'got {dtype!r}')
+        check_storage(dtype, max_memory_mb, max_disk_mb)
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f'capacity must be an int, got {capacity!r}')
         if capacity < 1:
             raise ValueError(f'capacity must be >= 1, got {capacity}')
-        for name, value in (('max_memory_mb', max_memory_mb),
-                            ('max_disk_mb', max_disk_mb)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f'{name} must be a number or None, got {value!r}')
-            if not value > 0:
-                raise ValueError(f'{name} must be > 0 or None, got {value!r}')
         if not isinstance(key, dict):
             raise TypeError(f'key must be a dict, got {key!r}')
         try:

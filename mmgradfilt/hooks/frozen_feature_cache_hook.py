@@ -18,12 +18,11 @@ from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 from mmengine.structures import BaseDataElement
 
-from ..cache import FeatureStore, check_writable
+from ..cache import FeatureStore, check_storage, check_writable
 from ..datasets.views import SkippedBatch, dataset_fingerprint, with_views
 from ..frontier import Capture, Frontier, find_frontier
 from ..report import MB, format_table
 
-DTYPES = ('float16', 'float32', 'int8')
 NAME = 'FrozenFeatureCacheHook'
 
 
@@ -171,18 +170,10 @@ class FrozenFeatureCacheHook(Hook):
                              f'{views!r}')
         if seed < 0:
             raise ValueError(f'{NAME}: seed must be >= 0, got {seed!r}')
-        if dtype not in DTYPES:
-            raise ValueError(f'{NAME}: dtype must be one of {DTYPES}, got '
-                             f'{dtype!r}')
-        for name, value in (('max_memory_mb', max_memory_mb),
-                            ('max_disk_mb', max_disk_mb)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f'{NAME}: {name} must be a number or None, '
-                                f'got {value!r}')
-            if not value > 0:
-                raise ValueError(f'{NAME}: {name} must be > 0, got {value!r}')
+        try:
+            check_storage(dtype, max_memory_mb, max_disk_mb)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f'{NAME}: {err}') from None
         if cache_dir is not None:
             if not isinstance(cache_dir, str):
                 raise TypeError(f'{NAME}: cache_dir must be a str or None, '
