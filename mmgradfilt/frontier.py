@@ -19,11 +19,13 @@ Plain torch: no runner, no config.
 import contextlib
 import functools
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence,
                     Tuple, Union)
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -330,53 +332,80 @@ def find_frontier(model: nn.Module,
     modules = _hookable_modules(model)
     frozen = {path: not any(p.requires_grad for p in m.parameters())
               for path, m in modules.items()}
-    devices = sorted({p.device.index or 0 for p in model.parameters()
-                      if p.is_cuda})
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = {p.device for p in model.parameters()}
+    with replayed_rng(*devices), kept_buffers(model):
+        torch.manual_seed(seed)
+        rec1 = _Recorder(modules, frozen, make_leaves=False)
+        with rec1.hooks():
+            loss1 = run_loss()
+        loss1 = loss1.detach()
+
+        torch.manual_seed(seed + 1)
+        rec2 = _Recorder(modules, frozen, make_leaves=True,
+                         known={c.key for c in rec1.calls})
+        with rec2.hooks():
+            loss2 = run_loss()
+        _check_deterministic(rec1, rec2)
+        if not loss2.requires_grad:
+            raise ValueError('The loss does not depend on any trained '
+                             'parameter: nothing to cache for')
+        leaves = [leaf for _, _, leaf in rec2.leaves]
+        grads = (torch.autograd.grad(loss2, leaves, allow_unused=True)
+                 if leaves else [])
+        del loss2
+        reached = {(key, where) for (key, where, _), g in
+                   zip(rec2.leaves, grads) if g is not None}
+        frontier = _build(model, rec1, reached, batch_size)
+        if frontier:
+            captured = [
+                _select(rec1.outputs[(t.path, t.call)], t.index)
+                for t in frontier.tensors]
+            del rec1.outputs
+            torch.manual_seed(seed)
+            with frontier.replay(captured):
+                loss3 = run_loss().detach()
+            if not torch.allclose(loss3, loss1, rtol=1e-4, atol=1e-6):
+                raise ValueError(
+                    f'The loss from the frontier tensors ({loss3.item()})'
+                    f' differs from the loss of the whole forward '
+                    f'({loss1.item()}): the trained part reads a frozen '
+                    f'output that the gradient does not reach (read '
+                    f'without autograd); the frontier would not be exact')
+    return frontier
+
+
+@contextlib.contextmanager
+def replayed_rng(*devices: torch.device) -> Iterator[None]:
+    """Run a block with the random number generators (torch's CPU one and
+    those of the CUDA ``devices``, Python's, NumPy's global one) as they
+    were, and set them back afterwards: the block draws what the next code
+    would have drawn, and that code still draws it."""
+    devices = sorted({d.index if d.index is not None else
+                      torch.cuda.current_device()
+                      for d in devices if d.type == 'cuda'})
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            rec1 = _Recorder(modules, frozen, make_leaves=False)
-            with rec1.hooks():
-                loss1 = run_loss()
-            loss1 = loss1.detach()
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
-            torch.manual_seed(seed + 1)
-            rec2 = _Recorder(modules, frozen, make_leaves=True,
-                             known={c.key for c in rec1.calls})
-            with rec2.hooks():
-                loss2 = run_loss()
-            _check_deterministic(rec1, rec2)
-            if not loss2.requires_grad:
-                raise ValueError('The loss does not depend on any trained '
-                                 'parameter: nothing to cache for')
-            leaves = [leaf for _, _, leaf in rec2.leaves]
-            grads = (torch.autograd.grad(loss2, leaves, allow_unused=True)
-                     if leaves else [])
-            del loss2
-            reached = {(key, where) for (key, where, _), g in
-                       zip(rec2.leaves, grads) if g is not None}
-            frontier = _build(model, rec1, reached, batch_size)
-            if frontier:
-                captured = [
-                    _select(rec1.outputs[(t.path, t.call)], t.index)
-                    for t in frontier.tensors]
-                del rec1.outputs
-                torch.manual_seed(seed)
-                with frontier.replay(captured):
-                    loss3 = run_loss().detach()
-                if not torch.allclose(loss3, loss1, rtol=1e-4, atol=1e-6):
-                    raise ValueError(
-                        f'The loss from the frontier tensors ({loss3.item()})'
-                        f' differs from the loss of the whole forward '
-                        f'({loss1.item()}): the trained part reads a frozen '
-                        f'output that the gradient does not reach (read '
-                        f'without autograd); the frontier would not be exact')
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Set every buffer of ``model`` (BatchNorm running statistics and
+    counts) back to its value and object after the block."""
+    saved = [(module, name, buf, buf.clone())
+             for module in model.modules()
+             for name, buf in module._buffers.items() if buf is not None]
+    try:
+        yield
     finally:
         with torch.no_grad():
-            for buf, value in buffers:
+            for module, name, buf, value in saved:
+                module._buffers[name] = buf
                 buf.copy_(value)
-    return frontier
 
 
 def _hookable_modules(model: nn.Module) -> Dict[str, nn.Module]:

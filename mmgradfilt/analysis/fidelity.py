@@ -25,21 +25,19 @@ through :func:`torch.autograd.grad`, so no ``.grad`` is touched; the random
 number generators and the BatchNorm buffers are restored after each, so a
 training step that follows sees exactly what it would have seen.
 """
-import contextlib
 import copy
-import random
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import (Callable, Dict, Iterable, Iterator, List, Optional,
+from typing import (Callable, Dict, Iterable, List, Optional,
                     Sequence, Tuple)
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..frontier import kept_buffers, replayed_rng
 from ..layers import GradFilterConv2d
 from ..memory.norm import FilteredBatchNorm2d
 from ..ops.grad_filter_conv import grad_filter_conv2d, grid_conv
@@ -207,39 +205,6 @@ def configured_models(model: nn.Module,
     for twin in (exact, *models.values()):
         share_weights(twin, first)
     return exact, models
-
-
-@contextlib.contextmanager
-def replayed_rng(device: torch.device) -> Iterator[None]:
-    """Run a block with the random number generators (torch's CPU one and
-    ``device``'s, Python's, NumPy's global one) as they were, and set them
-    back afterwards: the block draws what the next code would have drawn,
-    and that code still draws it."""
-    devices = [device.index if device.index is not None else
-               torch.cuda.current_device()] if device.type == 'cuda' else []
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def kept_buffers(model: nn.Module) -> Iterator[None]:
-    """Set every buffer of ``model`` (BatchNorm running statistics and
-    counts) back to its value and object after the block."""
-    saved = [(module, name, buf, buf.clone())
-             for module in model.modules()
-             for name, buf in module._buffers.items() if buf is not None]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, name, buf, value in saved:
-                module._buffers[name] = buf
-                buf.copy_(value)
 
 
 @dataclass

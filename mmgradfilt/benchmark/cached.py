@@ -20,7 +20,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 
 from ..cache import FeatureStore
-from ..frontier import find_frontier
+from ..frontier import find_frontier, kept_buffers, replayed_rng
 from ..report import MB
 from .step import TrainStep, Variant
 from .timing import summarize, synchronize
@@ -94,17 +94,10 @@ class CachedStep(TrainStep):
     def _capture(self) -> List[torch.Tensor]:
         """The frontier tensors of the batch (CPU), from one forward that
         leaves the model's buffers and the random state as they were."""
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        devices = sorted({p.device.index or 0 for p in self.model.parameters()
-                          if p.is_cuda})
-        try:
-            with torch.random.fork_rng(devices=devices), \
-                    self.frontier.capture() as capture:
-                self._loss()
-        finally:
-            with torch.no_grad():
-                for buf, value in buffers:
-                    buf.copy_(value)
+        devices = {p.device for p in self.model.parameters()}
+        with replayed_rng(*devices), kept_buffers(self.model), \
+                self.frontier.capture() as capture:
+            self._loss()
         return [t.cpu() for t in capture.tensors]
 
     def read(self) -> List[torch.Tensor]:
